@@ -1,0 +1,1 @@
+"""Spatial and temporal visual-token compressors, and projectors."""

@@ -1,0 +1,27 @@
+"""Identity compressor: every feature becomes a token (the no-compression baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nvila_core.interfaces import Compressor
+
+
+@dataclass
+class IdentityConfig:
+    """The identity compressor has no settings."""
+
+
+class IdentityCompressor(Compressor):
+    """Flattens each block's grid into tokens, unchanged."""
+
+    def __init__(self, config: IdentityConfig, in_channels: int | None = None) -> None:
+        super().__init__()
+
+    def output_shape(self, block_size: tuple[int, int], channels: int) -> tuple[int, int]:
+        return block_size[0] * block_size[1], channels
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.flatten(1, 2)  # (M, h*w, C)

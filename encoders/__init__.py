@@ -1,0 +1,1 @@
+"""Vision encoders and their preprocessing."""

@@ -1,0 +1,157 @@
+"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data synth, eval, generate.
+
+User errors (bad specs, missing shards, broken plugins) print one paragraph and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from nvila_core.errors import NvilaError
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvila", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate data, train a tiny NVILA on the CPU, evaluate it")
+    demo.add_argument("--out", default="nvila-demo", help="folder for data, logs and checkpoints")
+    demo.add_argument("--train-samples", type=int, default=20000)
+    demo.add_argument("--val-samples", type=int, default=500)
+
+    plugins = sub.add_parser("plugins", help="list registered components, or describe one")
+    plugins.add_argument("--describe", metavar="NAME", help="print a component's config fields")
+
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"Lightning CLI `{name}` from a recipe (nvila {name} --help)", add_help=False)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic shapes task as webdataset shards")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train", type=int, default=20000, help="training samples")
+    synth.add_argument("--val", type=int, default=500, help="validation samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+
+    ev = sub.add_parser("eval", help="answer held-out questions with a checkpoint and report accuracy")
+    ev.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    ev.add_argument("--shards", required=True, help="directory of shards to evaluate on")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=32)
+
+    gen = sub.add_parser("generate", help="answer one question about one image")
+    gen.add_argument("--ckpt", required=True)
+    gen.add_argument("--image", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def _plugins(describe: str | None) -> None:
+    from nvila_core.plugins import default_plugins
+    from nvila_core.registry import KINDS
+    from nvila_core.specs import describe as describe_component
+
+    loaded = default_plugins()
+    if describe:
+        found = loaded.registry.find(describe)
+        if not found:
+            from nvila_core.registry import did_you_mean
+
+            names = sorted({c.name for c in loaded.registry})
+            raise NvilaError(f"No component named '{describe}'.{did_you_mean(describe, names)} "
+                             f"Registered: {', '.join(names)}.")
+        print("\n\n".join(describe_component(c) for c in found))
+        return
+    for kind, what in KINDS.items():
+        components = [c for c in loaded.registry if c.kind == kind]
+        print(f"{kind} ({what}):")
+        for c in components:
+            print(f"  {c.name:<24} {c.distribution} {c.version:<10} {c.summary}")
+        if not components:
+            print("  (none registered)")
+    for failure in loaded.failures:
+        print(f"failed: {failure}")
+    for name in loaded.blocked:
+        print(f"disabled by NVILA_DISABLE_PLUGINS: {name}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from nvila_core.checkpoint import load_checkpoint
+    from nvila_core.processor import collate
+
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise NvilaError(f"Cannot read image '{args.image}': {exc}") from None
+    model = load_checkpoint(args.ckpt)
+    encoded = model.processor.encode([{"from": "human", "value": f"<image>\n{args.prompt}"}], [image],
+                                     generation_prompt=True)
+    batch = collate([encoded], model.tokenizer.pad_token_id, left_pad=True)
+    ids = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["grids"],
+                         max_new_tokens=args.max_new_tokens)
+    print(model.tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+
+
+def run(argv: list[str]) -> None:
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from workflows.cli import run_cli
+
+        run_cli(argv)
+        return
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from workflows.demo import run_demo
+
+        run_demo(args.out, args.train_samples, args.val_samples)
+    elif args.command == "plugins":
+        _plugins(args.describe)
+    elif args.command == "data":
+        from nvila_core.data.synthetic import write_dataset
+
+        splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
+        for split, shards in splits.items():
+            print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
+    elif args.command == "eval":
+        from nvila_core.checkpoint import load_checkpoint
+        from nvila_core.data.shards import find_shards
+        from workflows.evaluate import evaluate
+
+        shards = find_shards(args.shards)
+        result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
+        print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
+    elif args.command == "generate":
+        _generate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries with their own INFO handlers print once, not twice
+        handler.setLevel(logging.WARNING)
+    try:
+        run(argv)
+    except NvilaError as exc:
+        if debug:
+            raise
+        print(f"nvila: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: shard format, synthetic demo data, streaming and tokenization."""

@@ -1,0 +1,22 @@
+"""User-facing errors: one paragraph that says what was wrong and what to do."""
+
+
+class NvilaError(Exception):
+    """An error caused by the user's input (spec, data, plugin), shown without a traceback."""
+
+
+class SpecError(NvilaError):
+    """A component spec that does not match its plugin's config; lists every problem at once."""
+
+    def __init__(self, kind: str, name: str | None, problems: list[str]):
+        self.kind, self.name, self.problems = kind, name, problems
+        where = f"{kind} '{name}'" if name else kind
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"Invalid {where} spec ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}\n"
+            f"Run `nvila plugins --describe {name or '<name>'}` to see the valid keys."
+        )
+
+
+class PluginLoadError(NvilaError):
+    """A plugin distribution failed to load or register (raised only in strict mode)."""

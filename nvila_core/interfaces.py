@@ -1,0 +1,115 @@
+"""One small interface per plugin kind, with its shape contract.
+
+Shapes travel between components as plain tensors plus a little typed description:
+an encoder returns feature *blocks* ``(M, h, w, C)``; each image contributes ``rows * cols`` blocks
+(one for a plain encoder, the tile grid of the largest scale for DynS2). A compressor turns each block
+into ``n`` tokens, so an image costs ``rows * cols * n`` visual tokens, known before the model runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image after its encoder's preprocessing: tiles, and the grid of feature blocks they yield."""
+
+    pixels: torch.Tensor
+    """(T, 3, S, S) normalised tiles."""
+    grid: tuple[int, int] = (1, 1)
+    """(rows, cols) of feature blocks this image produces."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class ImageProcessor(ABC):
+    """Pixels for an encoder; small and picklable, because it runs in DataLoader workers."""
+
+    @abstractmethod
+    def __call__(self, image: Image.Image) -> PreparedImage: ...
+
+
+class VisionEncoder(nn.Module, ABC):
+    """Pixels -> feature blocks ``(M, h, w, C)``; owns its preprocessing."""
+
+    out_channels: int
+    """C, the width of each feature."""
+    block_size: tuple[int, int]
+    """(h, w) of each feature block."""
+
+    @abstractmethod
+    def processor(self) -> ImageProcessor:
+        """The preprocessing this encoder expects, detached from its weights."""
+
+    @abstractmethod
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Tiles ``(T, 3, S, S)`` of a batch of images, their block grids -> blocks ``(sum r*c, h, w, C)``."""
+
+    def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
+        """Module classes FSDP should wrap individually (the transformer layers)."""
+        return set()
+
+
+class Compressor(nn.Module, ABC):
+    """Feature blocks ``(M, h, w, C)`` -> tokens ``(M, n, C')``."""
+
+    @abstractmethod
+    def output_shape(self, block_size: tuple[int, int], channels: int) -> tuple[int, int]:
+        """(n tokens per block, C' channels per token) for blocks of ``block_size`` with ``channels``."""
+
+    @abstractmethod
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor: ...
+
+
+class LanguageModel(nn.Module, ABC):
+    """A causal language model that accepts input embeddings (so visual tokens can be spliced in)."""
+
+    hidden_size: int
+
+    @abstractmethod
+    def load_tokenizer(self) -> Any:
+        """Its tokenizer (a transformers tokenizer with a chat template)."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, D)."""
+
+    @abstractmethod
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> logits (B, L, V)."""
+
+    @abstractmethod
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Greedy or sampled continuation with a KV cache -> new token ids (B, <=max_new_tokens)."""
+
+    @abstractmethod
+    def resize_vocab(self, size: int) -> None:
+        """Grow the embedding and output layers to ``size`` tokens (for added media tokens)."""
+
+    def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
+        return set()
+
+
+class PrecisionBackend(ABC):
+    """How weights and activations are stored and computed, for training or serving."""
+
+    lightning_precision: str = "32-true"
+    """The Lightning ``precision`` flag this backend trains with."""
+
+    def check_available(self) -> None:
+        """Raise NvilaError naming what is missing when this machine cannot run the backend."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Convert the model (in place where possible) before training or serving."""
+        return model

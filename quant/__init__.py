@@ -1,0 +1,1 @@
+"""Precision backends: how weights and activations are stored and computed."""

@@ -1,0 +1,11 @@
+"""Registers the built-in precision backends."""
+
+from nvila_core import hookimpl
+from nvila_core.registry import Registrar
+from quant.full_precision import BF16, FP32, BF16Config, FP32Config
+
+
+@hookimpl
+def nvila_register(registry: Registrar) -> None:
+    registry.add("precision", "fp32", FP32, FP32Config)
+    registry.add("precision", "bf16", BF16, BF16Config)

@@ -1,0 +1,40 @@
+"""The `nvila` command as a user runs it: a subprocess, its output and its exit status."""
+
+import subprocess
+import sys
+
+
+def nvila(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nvila_core.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_plugins_lists_components_by_kind_with_their_distribution():
+    out = nvila("plugins")
+    assert out.returncode == 0, out.stderr
+    assert "compressor (" in out.stdout and "stc " in out.stdout and "nvila 0.1.0" in out.stdout
+
+
+def test_plugins_describe_prints_fields_types_defaults_and_docs():
+    out = nvila("plugins", "--describe", "siglip")
+    assert out.returncode == 0, out.stderr
+    assert "feature_layer: int = -2" in out.stdout
+    assert "second-to-last" in out.stdout or "NVILA: -2" in out.stdout
+
+
+def test_user_errors_are_one_paragraph_without_a_traceback(tmp_path):
+    out = nvila("fit", "--config", "demo", f"--data.train={tmp_path / 'missing'}")
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "nvila data synth" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_debug_shows_the_traceback():
+    out = nvila("--debug", "plugins", "--describe", "nothing-like-this")
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_data_synth_writes_train_and_val_shards(tmp_path):
+    out = nvila("data", "synth", "--out", str(tmp_path), "--train", "20", "--val", "5", "--image-size", "32")
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "train").glob("*.tar")) and list((tmp_path / "val").glob("*.tar"))

@@ -1,0 +1,41 @@
+"""Every shipped recipe loads and builds through the Lightning CLI (without training)."""
+
+import pytest
+
+from nvila_core.errors import NvilaError
+from workflows.cli import NvilaCLI, recipe_path, refuse_import_paths, shipped_recipes
+
+
+@pytest.mark.parametrize("recipe", shipped_recipes(), ids=lambda p: p.stem)
+def test_shipped_recipe_builds(recipe, synth_data):
+    cli = NvilaCLI(args=["--config", str(recipe), f"--data.train={synth_data / 'train'}",
+                         f"--data.val={synth_data / 'val'}"], run=False)
+    assert cli.model.model.tokens_per_block > 0
+    assert cli.trainer.precision == cli.model.precision_backend.lightning_precision
+
+
+def test_overrides_reach_the_component_specs_as_typed_values(synth_data):
+    cli = NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
+                         "--model.compressor.ratio=1", "--model.encoder.num_layers=1"], run=False)
+    assert cli.model.model.compressor.k == 1
+    assert len(cli.model.model.encoder.vision.encoder.layers) == 1
+
+
+def test_a_misspelt_key_fails_before_anything_is_built(synth_data):
+    with pytest.raises(NvilaError, match="Did you mean 'ratio'"):
+        NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
+                       "--model.compressor.ratoi=3"], run=False)
+
+
+def test_recipes_and_overrides_may_not_name_import_paths(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  encoder: {class_path: os.system}\n")
+    with pytest.raises(NvilaError, match="may not name import paths.*model.encoder.class_path"):
+        refuse_import_paths(["fit", "--config", str(bad)])
+    with pytest.raises(NvilaError, match="may not name import paths"):
+        refuse_import_paths(["fit", "--trainer.callbacks.class_path=os.system"])
+
+
+def test_unknown_recipe_names_list_the_shipped_ones():
+    with pytest.raises(NvilaError, match="neither a file nor a shipped recipe.*demo"):
+        recipe_path("dmeo")

@@ -1,0 +1,22 @@
+"""Callbacks: export an nvila checkpoint directory when training ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from nvila_core.checkpoint import save_checkpoint
+
+
+class ExportCheckpoint(L.Callback):
+    """Writes ``<log dir>/checkpoint`` (spec, safetensors weights, tokenizer) at the end of ``fit``."""
+
+    def __init__(self, dirname: str = "checkpoint") -> None:
+        self.dirname = dirname
+        self.path: Path | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        if trainer.is_global_zero:
+            save_checkpoint(pl_module.model, self.path)

@@ -1,0 +1,103 @@
+"""The Lightning CLI behind ``nvila fit``: a fixed module and data module, specs as plain dicts.
+
+Subclass mode stays off and component arguments are dicts resolved through the plugin registry, so a
+recipe can only name registered plugins, never an import path. ``parser_mode="omegaconf+"`` resolves
+interpolations once, after every source (recipe files and command-line overrides) is merged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from nvila_core.errors import NvilaError
+from nvila_core.specs import IMPORT_PATH_KEYS
+from workflows.callbacks import ExportCheckpoint
+from workflows.datamodule import NvilaDataModule
+from workflows.module import NvilaModule
+
+RECIPES = files("workflows") / "recipes"
+
+
+def recipe_path(name_or_path: str) -> str:
+    """A recipe file path; a bare name like ``demo`` means a recipe shipped with nvila."""
+    if Path(name_or_path).exists():
+        return name_or_path
+    shipped = RECIPES / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    names = sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+    raise NvilaError(f"Recipe '{name_or_path}' is neither a file nor a shipped recipe ({', '.join(names)}).")
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(Path(str(p)) for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
+def _find_import_paths(node: Any, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        found = [f"{where}.{k}".lstrip(".") for k in node if k in IMPORT_PATH_KEYS]
+        return found + [p for k, v in node.items() for p in _find_import_paths(v, f"{where}.{k}")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_import_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def refuse_import_paths(args: list[str]) -> list[str]:
+    """Resolve shipped recipe names, and refuse recipes or overrides that name import paths."""
+    out, found = [], []
+    for i, arg in enumerate(args):
+        if i and args[i - 1] in ("-c", "--config"):
+            arg = recipe_path(arg)
+            found += [f"{arg}: {p}" for p in _find_import_paths(yaml.safe_load(Path(arg).read_text()))]
+        elif arg.startswith("--config="):
+            arg = "--config=" + recipe_path(arg.split("=", 1)[1])
+            path = arg.split("=", 1)[1]
+            found += [f"{path}: {p}" for p in _find_import_paths(yaml.safe_load(Path(path).read_text()))]
+        if any(key in arg for key in IMPORT_PATH_KEYS):
+            found.append(arg)
+        out.append(arg)
+    if found:
+        raise NvilaError("Recipes and overrides may not name import paths (class_path, _target_, init_args): "
+                         f"{'; '.join(found)}. Name a registered plugin instead (`nvila plugins` lists them).")
+    return out
+
+
+class NvilaCLI(LightningCLI):
+    """LightningCLI with nvila's module, data module, loggers and checkpoint export."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        self.export = ExportCheckpoint()
+        super().__init__(
+            NvilaModule, NvilaDataModule, subclass_mode_model=False, subclass_mode_data=False,
+            parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False, args=args, run=run, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or "runs"
+            csv = CSVLogger(root, name="")
+            kwargs["logger"] = [csv, TensorBoardLogger(root, name="", version=csv.version)]
+        wanted = self.model.precision_backend.lightning_precision
+        if config.get("precision") not in (None, wanted):
+            raise NvilaError(f"trainer.precision={config.get('precision')} conflicts with the model's precision "
+                             f"backend ({wanted}); set `model.precision` instead.")
+        kwargs["precision"] = wanted
+        callbacks = list(config.get("callbacks") or []) + [self.export]
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_cli(args: list[str]) -> NvilaCLI:
+    """Run ``nvila fit/validate ...`` arguments through the Lightning CLI."""
+    with warnings.catch_warnings():
+        # `nvila fit ...` hands its own arguments over explicitly; that is the intended use here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return NvilaCLI(args=refuse_import_paths(args))
