@@ -16,7 +16,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from encoders.preprocess import to_rgb, to_tensor
 from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor, PreparedImage, VisionEncoder
+from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
 
 
 @dataclass
@@ -56,6 +56,9 @@ class SiglipProcessor(ImageProcessor):
     def __call__(self, image: Image.Image) -> PreparedImage:
         pixels = to_tensor(to_rgb(image), (self.image_size, self.image_size), self.mean, self.std)
         return PreparedImage(pixels[None], grid=(1, 1))  # (1, 3, S, S)
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        return TilePlan(tiles=1, grid=(1, 1))
 
 
 class SiglipEncoder(VisionEncoder):

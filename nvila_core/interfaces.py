@@ -31,11 +31,29 @@ class PreparedImage:
         return self.grid[0] * self.grid[1]
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """What an encoder will do with an image of a given size, known without decoding it."""
+
+    tiles: int
+    """Tiles the encoder runs on (all scales together)."""
+    grid: tuple[int, int] = (1, 1)
+    """(rows, cols) of feature blocks the image yields."""
+
+
 class ImageProcessor(ABC):
     """Pixels for an encoder; small and picklable, because it runs in DataLoader workers."""
 
     @abstractmethod
     def __call__(self, image: Image.Image) -> PreparedImage: ...
+
+    @abstractmethod
+    def plan(self, width: int, height: int) -> TilePlan:
+        """Tiles and block grid for a ``width`` x ``height`` image, exactly as ``__call__`` would produce."""
+
+    def frame(self, image: Image.Image) -> PreparedImage:
+        """One video frame: by default like an image; multi-scale encoders use their base resolution only."""
+        return self(image)
 
 
 class VisionEncoder(nn.Module, ABC):

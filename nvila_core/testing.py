@@ -61,9 +61,13 @@ def _check_encoder(component: Component, encoder: nn.Module) -> None:
     _expect(isinstance(encoder, VisionEncoder), component, "an encoder must subclass VisionEncoder")
     images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("L", (17, 53), 128)]
     prepared = [encoder.processor()(image) for image in images]
-    for p in prepared:
+    for image, p in zip(images, prepared):
         _expect(isinstance(p, PreparedImage) and p.pixels.ndim == 4 and p.pixels.shape[1] == 3, component,
                 "processor() must return PreparedImage with (T, 3, S, S) pixels")
+        plan = encoder.processor().plan(*image.size)
+        _expect((plan.tiles, plan.grid) == (p.pixels.shape[0], p.grid), component,
+                f"processor().plan{image.size} says {plan} but preprocessing gave {p.pixels.shape[0]} tiles, "
+                f"grid {p.grid}")
     with torch.no_grad():
         blocks = encoder(torch.cat([p.pixels for p in prepared]), [p.grid for p in prepared])
     expected = (sum(p.num_blocks for p in prepared), *encoder.block_size, encoder.out_channels)
