@@ -16,7 +16,7 @@ def test_shipped_recipe_builds(recipe, synth_data):
 
 def test_overrides_reach_the_component_specs_as_typed_values(synth_data):
     cli = NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
-                         "--model.compressor.ratio=1", "--model.encoder.num_layers=1"], run=False)
+                         f"--data.val={synth_data / 'val'}", "--model.compressor.ratio=1", "--model.encoder.num_layers=1"], run=False)
     assert cli.model.model.compressor.k == 1
     assert len(cli.model.model.encoder.vision.encoder.layers) == 1
 
@@ -24,7 +24,7 @@ def test_overrides_reach_the_component_specs_as_typed_values(synth_data):
 def test_a_misspelt_key_fails_before_anything_is_built(synth_data):
     with pytest.raises(NvilaError, match="Did you mean 'ratio'"):
         NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
-                       "--model.compressor.ratoi=3"], run=False)
+                       f"--data.val={synth_data / 'val'}", "--model.compressor.ratoi=3"], run=False)
 
 
 def test_recipes_and_overrides_may_not_name_import_paths(tmp_path):
