@@ -16,7 +16,8 @@ def test_shipped_recipe_builds(recipe, synth_data):
 
 def test_overrides_reach_the_component_specs_as_typed_values(synth_data):
     cli = NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
-                         f"--data.val={synth_data / 'val'}", "--model.compressor.ratio=1", "--model.encoder.num_layers=1"], run=False)
+                         f"--data.val={synth_data / 'val'}", "--model.compressor.ratio=1",
+                         "--model.encoder.num_layers=1"], run=False)
     assert cli.model.model.compressor.k == 1
     assert len(cli.model.model.encoder.vision.encoder.layers) == 1
 
