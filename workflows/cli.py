@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -78,6 +79,21 @@ class NvilaCLI(LightningCLI):
             NvilaModule, NvilaDataModule, subclass_mode_model=False, subclass_mode_data=False,
             parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # Periodic checkpoints for resuming (`--ckpt_path last`), configured as `checkpoint.*` without
+        # naming a class in the recipe.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        if config.get("checkpoint") is not None and config["checkpoint"].get("dirpath") is None:
+            # a fixed folder (not one per logger version), so that `--ckpt_path last` finds the previous run's
+            root = config["trainer"].get("default_root_dir") or "runs"
+            config["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
+        if "weights_only" in config and config["weights_only"] is None:
+            config["weights_only"] = True  # resuming never unpickles arbitrary objects
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})

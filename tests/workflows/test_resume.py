@@ -1,0 +1,63 @@
+"""A run killed with SIGKILL mid-epoch resumes from its last checkpoint and ends with the same weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+
+def fit_command(root, synth_data, tiny_spec, *extra):
+    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+    return [
+        sys.executable, "-m", "nvila_core.cli", "fit", "--config", "demo",
+        f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
+        f"--trainer.default_root_dir={root}", "--trainer.max_steps=48", "--trainer.val_check_interval=1.0",
+        "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=16",
+        "--data.num_workers=1", "--data.shuffle_buffer=64", "--model.warmup_steps=5",
+        "--checkpoint.every_n_train_steps=8",
+        *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
+        *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"],
+        *extra,
+    ]
+
+
+def final_weights(root):
+    (path,) = root.rglob("checkpoint/model.safetensors")
+    return load_file(path)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, tiny_spec):
+    # 512 samples / 16 = 32 batches an epoch: 48 steps cross an epoch boundary after the restart
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    straight = tmp_path / "straight"
+    subprocess.run(fit_command(straight, synth_data, tiny_spec), check=True, env=env, capture_output=True,
+                   timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(fit_command(killed, synth_data, tiny_spec), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("*step=16*.ckpt")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch: step 16 (or 8) of a 32-batch epoch
+    proc.wait()
+    assert not list(killed.rglob("checkpoint/model.safetensors")), "killed before the end"
+    state = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["epoch"] == 0 and loader_state["batches"] in (8, 16), loader_state
+
+    resumed = subprocess.run(fit_command(killed, synth_data, tiny_spec, "--ckpt_path", "last"), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+
+    expected, actual = final_weights(straight), final_weights(killed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] == actual[key]).all(), f"{key} differs after resuming"
