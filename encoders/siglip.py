@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
@@ -95,6 +96,11 @@ class SiglipEncoder(VisionEncoder):
         if not -layers - 1 <= config.feature_layer <= layers:
             raise NvilaError(f"feature_layer {config.feature_layer} is out of range for a SigLIP with {layers} "
                              f"layers (valid: {-layers - 1}..{layers}).")
+        # Layers after the feature layer and the final norm never reach the features: drop them, which saves
+        # their compute and leaves no unused parameters (DDP requires that).
+        keep = config.feature_layer % (layers + 1)  # hidden state i is the output of the first i layers
+        self.vision.encoder.layers = self.vision.encoder.layers[:keep]
+        self.vision.post_layernorm = nn.Identity()
 
     def processor(self) -> SiglipProcessor:
         return SiglipProcessor(self.image_size, self.MEAN, self.STD)
@@ -102,10 +108,12 @@ class SiglipEncoder(VisionEncoder):
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         if any(g != (1, 1) for g in grids) or len(grids) != pixels.shape[0]:
             raise ValueError("SigLIP encodes one tile per image; use a multi-scale encoder for tiled images")
-        out = self.vision(pixel_values=pixels.to(self.vision.dtype), output_hidden_states=True)
-        features = out.hidden_states[self.config.feature_layer]  # (T, h*w, C)
+        features = self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state  # (T, h*w, C)
         h, w = self.block_size
         return features.reshape(features.shape[0], h, w, -1)  # (T, h, w, C)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
         return {SiglipEncoderLayer}

@@ -7,6 +7,7 @@ nothing is unpickled.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
@@ -30,19 +31,38 @@ def save_checkpoint(model: NvilaModel, directory: str | Path) -> Path:
     return directory
 
 
-def load_checkpoint(directory: str | Path, registry: Registry | None = None) -> NvilaModel:
-    """Rebuild a model from a checkpoint directory written by :func:`save_checkpoint`."""
-    directory = Path(directory)
+def _check_directory(directory: Path) -> None:
     missing = [f for f in (SPEC_FILE, WEIGHTS_FILE, TOKENIZER_DIR) if not (directory / f).exists()]
     if missing:
         raise NvilaError(f"'{directory}' is not an nvila checkpoint directory: missing {', '.join(missing)}. "
                          "Training writes one to <log dir>/checkpoint when it ends.")
-    spec = OmegaConf.to_container(OmegaConf.load(directory / SPEC_FILE))
-    tokenizer = AutoTokenizer.from_pretrained(directory / TOKENIZER_DIR, local_files_only=True)
-    model = NvilaModel(spec["model"], registry, tokenizer=tokenizer, max_length=spec.get("max_length", 2048))
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer saved in a checkpoint directory."""
+    directory = Path(directory)
+    _check_directory(directory)
+    return AutoTokenizer.from_pretrained(directory / TOKENIZER_DIR, local_files_only=True)
+
+
+def load_weights(model: NvilaModel, directory: str | Path) -> NvilaModel:
+    """Load a checkpoint's weights into an already built model; refuses a different architecture."""
+    directory = Path(directory)
+    _check_directory(directory)
     try:
         load_model(model, str(directory / WEIGHTS_FILE), strict=True)
     except RuntimeError as exc:
-        raise NvilaError(f"The weights in '{directory}' do not fit the architecture its spec.yaml describes "
-                         f"(was the spec edited, or a plugin upgraded?): {str(exc).splitlines()[0][:500]}") from None
-    return model.eval()
+        detail = " ".join(str(exc).split())[:600]
+        raise NvilaError(f"The weights in '{directory}' do not fit this model's architecture: the checkpoint "
+                         f"was made from a different spec (see its spec.yaml). {detail}") from None
+    return model
+
+
+def load_checkpoint(directory: str | Path, registry: Registry | None = None) -> NvilaModel:
+    """Rebuild a model from a checkpoint directory written by :func:`save_checkpoint`."""
+    directory = Path(directory)
+    _check_directory(directory)
+    spec = OmegaConf.to_container(OmegaConf.load(directory / SPEC_FILE))
+    model = NvilaModel(spec["model"], registry, tokenizer=load_tokenizer(directory),
+                       max_length=spec.get("max_length", 2048))
+    return load_weights(model, directory).eval()

@@ -76,6 +76,10 @@ class VisionEncoder(nn.Module, ABC):
         """Module classes FSDP should wrap individually (the transformer layers)."""
         return set()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of storing them."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
 
 class Compressor(nn.Module, ABC):
     """Feature blocks ``(M, h, w, C)`` -> tokens ``(M, n, C')``."""
@@ -107,6 +111,15 @@ class LanguageModel(nn.Module, ABC):
         """(B, L, D) -> logits (B, L, V)."""
 
     @abstractmethod
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> final hidden states (B, L, D), before the output layer (for memory-lean losses)."""
+
+    @abstractmethod
+    def output_layer(self) -> nn.Linear:
+        """The layer that maps hidden states to vocabulary logits."""
+
+    @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Greedy or sampled continuation with a KV cache -> new token ids (B, <=max_new_tokens)."""
@@ -117,6 +130,14 @@ class LanguageModel(nn.Module, ABC):
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return set()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of storing them."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def lora_target_modules(self) -> list[str]:
+        """Default module names LoRA adapts (the attention and MLP projections)."""
+        return []
 
 
 class PrecisionBackend(ABC):

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nvila_core.errors import NvilaError
-from nvila_core.processor import IGNORE_INDEX, IMAGE_TOKEN, NvilaProcessor
+from nvila_core.losses import LOSSES, chunked_loss, fused_loss, standard_loss
+from nvila_core.processor import IMAGE_TOKEN, NvilaProcessor
 from nvila_core.registry import Registry
 from nvila_core.specs import as_dict, build, validate_all
 
@@ -87,12 +87,21 @@ class NvilaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixels: torch.Tensor | None = None, grids: list[tuple[int, int]] | None = None,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                labels: torch.Tensor | None = None, loss: str = "standard",
+                loss_chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+        """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor."""
         embeds = self.embed(input_ids, pixels, grids or [])
+        if labels is not None and loss != "standard":
+            hidden = self.llm.hidden_states(embeds, attention_mask=attention_mask)  # (B, L, D)
+            if loss == "chunked":
+                return {"loss": chunked_loss(hidden, self.llm.output_layer(), labels, loss_chunk_size)}
+            if loss == "fused":
+                return {"loss": fused_loss(hidden, self.llm.output_layer(), labels)}
+            raise NvilaError(f"Unknown loss '{loss}'; choose one of {', '.join(LOSSES)}.")
         logits = self.llm(embeds, attention_mask=attention_mask)  # (B, L, V)
         out = {"logits": logits}
         if labels is not None:
-            out["loss"] = causal_lm_loss(logits, labels)
+            out["loss"] = standard_loss(logits, labels)
         return out
 
     @torch.no_grad()
@@ -107,10 +116,3 @@ class NvilaModel(nn.Module):
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return self.encoder.fsdp_wrap_modules() | self.llm.fsdp_wrap_modules()
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over supervised positions."""
-    shift_logits = logits[:, :-1].flatten(0, 1)  # (B*(L-1), V)
-    shift_labels = labels[:, 1:].flatten()  # (B*(L-1),)
-    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)

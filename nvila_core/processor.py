@@ -34,6 +34,8 @@ class Encoded:
     """(T, 3, S, S) tiles of all images in order, or None for text-only samples."""
     grids: list[tuple[int, int]]
     """Block grid of each image."""
+    key: str = ""
+    """Where the sample came from (shard:key), for logs and for checking data splits."""
 
 
 class NvilaProcessor:

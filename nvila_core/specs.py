@@ -64,29 +64,35 @@ def validate_all(specs: Mapping[str, tuple[str, Any]], registry: Registry | None
 
 def make_config(component: Component, overrides: Mapping[str, Any]) -> Any:
     """Merge ``overrides`` onto the component's config dataclass; every problem is reported at once."""
-    base = OmegaConf.structured(component.config)
-    fields = [f.name for f in dataclasses.fields(component.config)]
+    return merge_config(component.config, overrides, component.kind, component.name)
+
+
+def merge_config(config_cls: type, overrides: Mapping[str, Any], kind: str, name: str | None = None,
+                 hint: str | None = None) -> Any:
+    """Merge ``overrides`` onto ``config_cls`` (a dataclass) with type coercion; all problems at once."""
+    base = OmegaConf.structured(config_cls)
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    where = f"{kind} '{name}'" if name else kind
     problems = []
     for key, value in overrides.items():
         if key not in fields:
-            problems.append(f"key '{key}' is not a field of {component.kind} '{component.name}'."
-                            f"{did_you_mean(key, fields)} Valid keys: {', '.join(fields) or '(none)'}")
+            problems.append(f"key '{key}' is not a field of {where}.{did_you_mean(key, fields)} "
+                            f"Valid keys: {', '.join(fields) or '(none)'}")
             continue
         try:
             base = OmegaConf.merge(base, {key: value})
         except OmegaConfBaseException as exc:
-            expected = _type_name(component.config, key)
-            problems.append(f"key '{key}': {value!r} is not a valid {expected} "
-                            f"({str(exc).splitlines()[0]})")
+            expected = _type_name(config_cls, key)
+            problems.append(f"key '{key}': {value!r} is not a valid {expected} ({str(exc).splitlines()[0]})")
     for key in fields:
         if key not in overrides and OmegaConf.is_missing(base, key):
-            problems.append(f"key '{key}' is required and has no default ({field_docs(component.config).get(key, '')})")
+            problems.append(f"key '{key}' is required and has no default ({field_docs(config_cls).get(key, '')})")
     if problems:
-        raise SpecError(component.kind, component.name, problems)
+        raise SpecError(kind, name, problems, hint)
     try:
         return OmegaConf.to_object(base)  # runs the dataclass's own __post_init__ checks
     except (ValueError, TypeError, OmegaConfBaseException) as exc:
-        raise SpecError(component.kind, component.name, [str(exc).splitlines()[0]]) from None
+        raise SpecError(kind, name, [str(exc).splitlines()[0]], hint) from None
 
 
 def build(kind: str, spec: Any, registry: Registry | None = None, **context: Any) -> Any:

@@ -93,6 +93,21 @@ class Qwen2LM(LanguageModel):
                          position_ids=position_ids, use_cache=False)
         return out.logits
 
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def output_layer(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def lora_target_modules(self) -> list[str]:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  **kwargs: Any) -> torch.Tensor:
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,

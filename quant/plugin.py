@@ -2,6 +2,7 @@
 
 from nvila_core import hookimpl
 from nvila_core.registry import Registrar
+from quant.fp8 import FP8Config, FP8Training
 from quant.full_precision import BF16, FP32, BF16Config, FP32Config
 
 
@@ -9,3 +10,4 @@ from quant.full_precision import BF16, FP32, BF16Config, FP32Config
 def nvila_register(registry: Registrar) -> None:
     registry.add("precision", "fp32", FP32, FP32Config)
     registry.add("precision", "bf16", BF16, BF16Config)
+    registry.add("precision", "fp8", FP8Training, FP8Config)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from nvila_core.checkpoint import save_checkpoint
+from workflows.peft import merge_lora
 
 
 class ExportCheckpoint(L.Callback):
@@ -18,5 +19,6 @@ class ExportCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        merge_lora(pl_module.model)  # a PEFT checkpoint has the plain architecture's layout
         if trainer.is_global_zero:
             save_checkpoint(pl_module.model, self.path)

@@ -30,15 +30,22 @@ def recipe_path(name_or_path: str) -> str:
     """A recipe file path; a bare name like ``demo`` means a recipe shipped with nvila."""
     if Path(name_or_path).exists():
         return name_or_path
-    shipped = RECIPES / f"{name_or_path}.yaml"
+    shipped = RECIPES.joinpath(*f"{name_or_path}.yaml".split("/"))
     if shipped.is_file():
         return str(shipped)
-    names = sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+    root = Path(str(RECIPES))
+    names = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
     raise NvilaError(f"Recipe '{name_or_path}' is neither a file nor a shipped recipe ({', '.join(names)}).")
 
 
 def shipped_recipes() -> list[Path]:
+    """Complete recipes (a model and data); the fragments in stages/ and strategies/ layer on top of one."""
     return sorted(Path(str(p)) for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_fragments() -> list[Path]:
+    """Shipped fragments (training stages, strategies), each meant to follow a complete recipe."""
+    return sorted(Path(str(RECIPES)).glob("*/*.yaml"))
 
 
 def _find_import_paths(node: Any, where: str = "") -> list[str]:
@@ -106,6 +113,13 @@ class NvilaCLI(LightningCLI):
             raise NvilaError(f"trainer.precision={config.get('precision')} conflicts with the model's precision "
                              f"backend ({wanted}); set `model.precision` instead.")
         kwargs["precision"] = wanted
+        if config.get("strategy") == "fsdp":
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            # shard per transformer layer, using the layer classes each component names
+            layers = self.model.model.fsdp_wrap_modules()
+            checkpointed = layers if self.model.hparams.gradient_checkpointing else None
+            kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=layers, activation_checkpointing_policy=checkpointed)
         callbacks = list(config.get("callbacks") or []) + [self.export]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)

@@ -7,6 +7,7 @@ log, and training goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -59,7 +60,7 @@ class SampleDecoder:
                       if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
             for image in images:
                 image.load()
-            return self.processor.encode(record["conversations"], images)
+            return dataclasses.replace(self.processor.encode(record["conversations"], images), key=where)
         except Exception as exc:
             raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from exc
 

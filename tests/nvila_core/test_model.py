@@ -98,7 +98,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(model, tmp_path, tiny_s
     other = {**tiny_spec, "llm": {**tiny_spec["llm"], "hidden_size": 64}}
     save_checkpoint(NvilaModel(other, registry), tmp_path / "other")
     (tmp_path / "ckpt" / "spec.yaml").write_text((tmp_path / "other" / "spec.yaml").read_text())
-    with pytest.raises(NvilaError, match="do not fit the architecture"):
+    with pytest.raises(NvilaError, match="do not fit this model.s architecture"):
         load_checkpoint(path)
 
 
