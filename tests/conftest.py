@@ -12,7 +12,7 @@ from nvila_core.plugins import load_plugins
 # Tiny but real architectures: the demo's shapes, scaled down further for unit tests.
 TINY_MODEL = {
     "encoder": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                "intermediate_size": 64, "num_layers": 1, "num_heads": 2},
+                "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "feature_layer": -1},
     "compressor": {"name": "stc", "ratio": 2},
     "projector": {"name": "mlp"},
     "llm": {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
