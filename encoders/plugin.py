@@ -1,6 +1,11 @@
 """Registers the built-in encoders, through the same hook a third-party package uses."""
 
+from encoders.dynamic_tiles import DynamicTilesConfig, DynamicTilesEncoder
+from encoders.dyns2 import DynS2Config, DynS2Encoder
+from encoders.patches import PatchesConfig, PatchesEncoder
+from encoders.s2 import S2Config, S2Encoder
 from encoders.siglip import SiglipConfig, SiglipEncoder
+from encoders.timm_vit import TimmViTConfig, TimmViTEncoder
 from nvila_core import hookimpl
 from nvila_core.registry import Registrar
 
@@ -8,3 +13,8 @@ from nvila_core.registry import Registrar
 @hookimpl
 def nvila_register(registry: Registrar) -> None:
     registry.add("encoder", "siglip", SiglipEncoder, SiglipConfig)
+    registry.add("encoder", "timm-vit", TimmViTEncoder, TimmViTConfig)
+    registry.add("encoder", "s2", S2Encoder, S2Config)
+    registry.add("encoder", "dyns2", DynS2Encoder, DynS2Config)
+    registry.add("encoder", "patches", PatchesEncoder, PatchesConfig)
+    registry.add("encoder", "dynamic-tiles", DynamicTilesEncoder, DynamicTilesConfig)

@@ -1,23 +1,26 @@
 """SigLIP vision encoder (transformers' ``SiglipVisionModel``), as NVILA uses it.
 
 Features come from a chosen hidden layer (NVILA: the second-to-last), without the attention-pool head.
-Defaults build a tiny random-initialised model for tests and the demo; ``checkpoint`` loads real
-weights from a local Hugging Face directory (e.g. a downloaded ``google/siglip-so400m-patch14-384``).
+SigLIP has no class token, so every output token is a patch feature. Defaults build a tiny
+random-initialised model for tests and the demo; ``checkpoint`` loads real weights from a local Hugging
+Face directory (e.g. a downloaded ``Efficient-Large-Model/paligemma-siglip-so400m-patch14-448``), and its
+``preprocessor_config.json``, when present, supplies the normalisation constants.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from encoders.preprocess import to_rgb, to_tensor
+from encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
 from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
+from nvila_core.interfaces import VisionEncoder
 
 
 @dataclass
@@ -42,30 +45,20 @@ class SiglipConfig:
     """Attention heads (so400m: 16)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
 
     def __post_init__(self) -> None:
         if self.checkpoint is None and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-
-
-class SiglipProcessor(ImageProcessor):
-    """Resize to one square tile and normalise with the encoder's constants."""
-
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.image_size, self.mean, self.std = image_size, mean, std
-
-    def __call__(self, image: Image.Image) -> PreparedImage:
-        pixels = to_tensor(to_rgb(image), (self.image_size, self.image_size), self.mean, self.std)
-        return PreparedImage(pixels[None], grid=(1, 1))  # (1, 3, S, S)
-
-    def plan(self, width: int, height: int) -> TilePlan:
-        return TilePlan(tiles=1, grid=(1, 1))
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
 
 
 class SiglipEncoder(VisionEncoder):
     """SigLIP vision tower: each tile becomes one (S/p, S/p) block of features."""
 
-    # SigLIP normalises to [-1, 1]; checkpoints' preprocessor configs say the same.
+    # SigLIP normalises to [-1, 1]; a checkpoint's preprocessor_config.json overrides these.
     MEAN = (0.5, 0.5, 0.5)
     STD = (0.5, 0.5, 0.5)
 
@@ -87,6 +80,7 @@ class SiglipEncoder(VisionEncoder):
                 image_size=config.image_size, patch_size=config.patch_size, vision_use_head=False)
             hf._attn_implementation = config.attn_implementation
             self.vision = SiglipVisionModel(hf)
+        self.mean, self.std = _normalisation(config.checkpoint, self.MEAN, self.STD)
         hf = self.vision.config
         self.image_size = hf.image_size
         self.out_channels = hf.hidden_size
@@ -102,8 +96,8 @@ class SiglipEncoder(VisionEncoder):
         self.vision.encoder.layers = self.vision.encoder.layers[:keep]
         self.vision.post_layernorm = nn.Identity()
 
-    def processor(self) -> SiglipProcessor:
-        return SiglipProcessor(self.image_size, self.MEAN, self.STD)
+    def processor(self) -> TileProcessor:
+        return TileProcessor(self.image_size, self.mean, self.std, self.config.max_pixels)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         if any(g != (1, 1) for g in grids) or len(grids) != pixels.shape[0]:
@@ -117,3 +111,13 @@ class SiglipEncoder(VisionEncoder):
 
     def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
         return {SiglipEncoderLayer}
+
+
+def _normalisation(checkpoint: str | None, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from a checkpoint's preprocessor_config.json, else the given defaults."""
+    path = Path(checkpoint) / "preprocessor_config.json" if checkpoint else None
+    if path is None or not path.is_file():
+        return mean, std
+    settings = json.loads(path.read_text())
+    return tuple(settings.get("image_mean", mean)), tuple(settings.get("image_std", std))
