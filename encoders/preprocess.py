@@ -96,8 +96,8 @@ def to_tensor(image: Image.Image, size: tuple[int, int], mean: Sequence[float],
     """
     resized = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device="cpu")[:, None, None]  # CPU even under a meta default
+    std_t = torch.tensor(std, dtype=torch.float32, device="cpu")[:, None, None]
     return (pixels - mean_t) / std_t
 
 

@@ -1,4 +1,4 @@
-"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data synth, eval, generate.
+"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data synth, eval, generate, plan.
 
 User errors (bad specs, missing shards, broken plugins) print one paragraph and exit with status 2;
 ``--debug`` shows the traceback instead.
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--shards", required=True, help="directory of shards to evaluate on")
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=32)
+
+    plan = sub.add_parser("plan", help="tile grid, tokens, FLOPs and activation memory of an image or a video "
+                                       "under a recipe (no weights needed)",
+                          epilog="Override the recipe's model with dotted keys: --model.encoder.max_tiles=6")
+    plan.add_argument("-c", "--config", required=True, help="recipe file or shipped recipe name (nvila-8b)")
+    plan.add_argument("--image-size", metavar="HxW", default="1080x1920", help="image height x width in pixels")
+    plan.add_argument("--frames", type=int, default=None, help="plan a video of N frames instead of an image")
+    plan.add_argument("--text-tokens", type=int, default=0, help="text tokens in the prompt besides the media")
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
 
     gen = sub.add_parser("generate", help="answer one question about one image")
     gen.add_argument("--ckpt", required=True)
@@ -104,11 +113,38 @@ def _generate(args: argparse.Namespace) -> None:
     print(model.tokenizer.decode(ids[0], skip_special_tokens=True).strip())
 
 
+def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
+    from nvila_core.planning import Planner, format_plan, model_spec_from_recipe
+    from workflows.cli import recipe_path
+
+    bad = [o for o in overrides if not o.startswith("--model.") or "=" not in o]
+    if bad:
+        raise NvilaError(f"nvila plan: unrecognised argument(s) {' '.join(bad)}; recipe overrides look like "
+                         "--model.encoder.max_tiles=6.")
+    path = recipe_path(args.config)
+    spec = model_spec_from_recipe(path, [o[2:] for o in overrides])
+    planner = Planner(spec, dtype=args.dtype)
+    if args.frames is not None:
+        plan = planner.video(args.frames, text_tokens=args.text_tokens)
+    else:
+        try:
+            height, width = (int(v) for v in args.image_size.lower().split("x"))
+        except ValueError:
+            raise NvilaError(f"--image-size takes HEIGHTxWIDTH in pixels, like 1080x1920; got "
+                             f"'{args.image_size}'.") from None
+        plan = planner.image(width, height, text_tokens=args.text_tokens)
+    print(format_plan(plan, Path(args.config).stem))
+
+
 def run(argv: list[str]) -> None:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from workflows.cli import run_cli
 
         run_cli(argv)
+        return
+    if argv and argv[0] == "plan":
+        args, overrides = _parser().parse_known_args(argv)
+        _plan(args, overrides)
         return
     args = _parser().parse_args(argv)
     if args.command == "demo":

@@ -43,6 +43,9 @@ class Qwen2LMConfig:
     """Longest sequence the rotary embedding is configured for."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer (small Qwen2 models do)."""
+    vocab_size: int | None = None
+    """Embedding rows of a random-initialised model, at least the tokenizer's size (None: exactly that). Presets
+    of released models set the real size (Qwen2-7B: 152,064; Qwen2-1.5B: 151,936), so cost plans are real."""
     attn_implementation: str = "sdpa"
     """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
 
@@ -51,6 +54,8 @@ class Qwen2LMConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.checkpoint is None and self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
 
 
 class Qwen2LM(LanguageModel):
@@ -68,7 +73,7 @@ class Qwen2LM(LanguageModel):
                                  "`checkpoint` at a local directory with config.json and *.safetensors.") from None
         else:
             hf = Qwen2Config(
-                vocab_size=len(self.load_tokenizer()), hidden_size=config.hidden_size,
+                vocab_size=max(len(self.load_tokenizer()), config.vocab_size or 0), hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
                 num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
                 max_position_embeddings=config.max_position_embeddings,

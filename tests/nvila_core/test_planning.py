@@ -1,0 +1,135 @@
+"""Token and cost plans against what the model really does, for every registered compressor."""
+
+import pytest
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from nvila_core.cli import main
+from nvila_core.errors import NvilaError
+from nvila_core.model import NvilaModel
+from nvila_core.planning import Planner, model_spec_from_recipe
+from nvila_core.plugins import load_plugins
+from workflows.cli import recipe_path
+
+COMPRESSORS = load_plugins(strict=True).registry.names("compressor")
+# tall, wide, square, tiny and huge images, as (width, height)
+SIZES = [(60, 200), (200, 60), (90, 90), (16, 16), (8000, 300)]
+# NVILA-8B's shape at toy widths: DynS2 over three scales, 9 to 12 tiles at the largest
+TINY_DYNS2 = {"name": "dyns2", "scales": [32, 64, 96], "max_tiles": 12,
+              "base": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                       "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "feature_layer": -2}}
+TINY_LLM = {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1}
+
+
+def spec(compressor="stc", encoder=TINY_DYNS2):
+    return {"encoder": dict(encoder), "compressor": {"name": compressor}, "projector": {"name": "mlp"},
+            "llm": dict(TINY_LLM)}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """A real tiny model and its meta-device planner, per compressor (built once)."""
+    cache = {}
+
+    def get(compressor):
+        if compressor not in cache:
+            torch.manual_seed(0)
+            cache[compressor] = (NvilaModel(spec(compressor)).eval(),
+                                 Planner(spec(compressor), dtype="fp32", measure_memory=False))
+        return cache[compressor]
+    return get
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+@pytest.mark.parametrize("size", SIZES, ids=["tall", "wide", "square", "tiny", "huge"])
+def test_planned_tokens_are_what_the_model_produces(built, compressor, size):
+    model, planner = built(compressor)
+    image = Image.new("RGB", size, (120, 30, 200))
+    encoded = model.processor.encode([{"from": "human", "value": "<image>\nwhat?"}], [image])
+    placeholders = int((encoded.input_ids == model.image_token_id).sum())
+    with torch.no_grad():
+        visual = model.visual_tokens(encoded.pixels, encoded.grids)  # (N, D)
+    plan = planner.image(*size)
+    assert plan.visual_tokens == planner.image_tokens(*size) == placeholders == visual.shape[0]
+    assert plan.tiles == encoded.pixels.shape[0] and plan.block_grid == encoded.grids[0]
+    assert plan.stage("projector").tokens == visual.shape[0] and plan.stage("projector").width == visual.shape[1]
+
+
+def test_planned_flops_are_counted_on_the_real_forward(built):
+    model, planner = built("stc")
+    image = Image.new("RGB", (200, 60))
+    prepared = model.processor.image_processor(image)
+    plan = planner.image(200, 60, text_tokens=7)
+    # SDPA's fused CPU kernel has no FLOP formula in torch; its math path counts the attention matmuls
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as encoder:
+            blocks = model.encoder(prepared.pixels, [prepared.grid])
+        with FlopCounterMode(display=False) as projector:
+            model.projector(model.compressor(blocks))
+        embeds = torch.randn(1, plan.llm_tokens, model.llm.hidden_size)
+        with FlopCounterMode(display=False) as llm:
+            hidden = model.llm.hidden_states(embeds, attention_mask=torch.ones(1, plan.llm_tokens))
+            model.llm.output_layer()(hidden[:, -1:])
+    assert plan.stage("encoder").flops == encoder.get_total_flops() > 0
+    assert plan.stage("projector").flops == projector.get_total_flops() > 0
+    assert plan.stage("llm prefill").flops == llm.get_total_flops() > 0
+    assert plan.llm_tokens == plan.visual_tokens + 7
+
+
+def test_video_frames_are_one_base_tile_each(built):
+    model, planner = built("stc")
+    frames = [model.processor.image_processor.frame(Image.new("RGB", (64, 48), (i, 0, 0))) for i in range(5)]
+    with torch.no_grad():
+        visual = model.visual_tokens(torch.cat([f.pixels for f in frames]), [f.grid for f in frames])
+    plan = planner.video(5)
+    assert plan.tiles == 5 and plan.visual_tokens == planner.video_tokens(5) == visual.shape[0] == 5 * 4
+    assert plan.stage("encoder").flops * 17 == pytest.approx(planner.image(200, 60).stage("encoder").flops * 5,
+                                                             rel=0.05)  # 17 tiles for the image, 1 per frame
+
+
+def test_activation_memory_and_kv_cache_are_planned():
+    plan = Planner(spec(), dtype="fp32").image(200, 60)
+    assert all(s.activation_bytes is not None for s in plan.stages)
+    assert plan.stage("encoder").activation_bytes > 0 and plan.stage("llm prefill").activation_bytes > 0
+    assert plan.kv_cache_bytes == 2 * 1 * 1 * 16 * plan.llm_tokens * 4  # K and V, 1 layer, 1 kv head of 16, fp32
+
+
+@pytest.mark.parametrize("recipe,size,tiles,grid,tokens", [
+    ("nvila-8b", (1920, 1080), 17, (3, 4), 12 * 256),    # 16:9 -> 4 x 3 tiles at 1344, 256 tokens each
+    ("nvila-8b", (448, 448), 14, (3, 3), 9 * 256),       # square -> the minimum of 9 tiles
+    ("nvila-lite-2b", (1920, 1080), 9, (1, 9), 9 * 121),  # 4 x 2 tiles (2:1 ties 2 x 1, image large) + thumbnail
+    ("nvila-lite-2b", (448, 448), 1, (1, 1), 121),         # one tile, no thumbnail
+])
+def test_released_presets_plan_without_weights(recipe, size, tiles, grid, tokens):
+    planner = Planner(model_spec_from_recipe(recipe_path(recipe)), measure_memory=False)
+    assert next(planner.model.parameters()).device.type == "meta"
+    plan = planner.image(*size)
+    assert (plan.tiles, plan.block_grid, plan.visual_tokens) == (tiles, grid, tokens)
+
+
+def test_nvila_plan_prints_a_table(capsys):
+    assert main(["plan", "--config", "nvila-8b-tiny", "--image-size", "20x300", "--text-tokens", "5",
+                 "--model.encoder.max_tiles=9"]) == 0
+    out = capsys.readouterr().out
+    assert "image 20x300 (HxW)" in out and "largest-scale grid 1 x 9" in out
+    assert "llm prefill" in out and "prefill length 41" in out  # 9 blocks x 4 tokens + 5 text tokens
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image-size", "wide"], "HEIGHTxWIDTH"),
+    (["--model.encoder.max_tiles=4"], "max_tiles 4 is below"),
+    (["--frames", "0"], "at least one frame"),
+    (["--image-size", "0x10"], "is empty"),
+    (["--bogus"], "unrecognised argument"),
+])
+def test_nvila_plan_reports_bad_input_in_one_line(capsys, args, message):
+    assert main(["plan", "--config", "nvila-8b-tiny", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fragments_have_no_model_to_plan():
+    with pytest.raises(NvilaError, match="no model.encoder"):
+        model_spec_from_recipe(recipe_path("stages/sft"))
