@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
-from encoders.tiling import merge_blocks, split_map
+from encoders.tiling import merge_blocks
 from nvila_core.errors import NvilaError
 from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
 from nvila_core.specs import as_dict, build
@@ -168,24 +168,41 @@ class S2Encoder(VisionEncoder):
         return torch.cat(parts)  # (T, h, w, C)
 
     def merge_scales(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """One image's tile features, smallest scale first -> its merged map as blocks (R*C, h, w, L*C)."""
-        maps, start = [], 0
-        for rows, cols in self.scale_grids(grid):
-            maps.append(merge_blocks(features[start:start + rows * cols], rows, cols))  # (rows*h, cols*w, C)
-            start += rows * cols
+        """One image's tile features, smallest scale first -> its merged map as blocks (R*C, h, w, L*C).
+
+        Each scale is stitched into one map, area-resized to the output map's size and written into its
+        channel slice of the output, whose blocks are views of that map. A scale already at the output grid
+        needs neither: area interpolation to the same size is the identity and its tiles are the blocks.
+        """
+        rows, cols = grid
         h, w = self.block_size
-        size = (grid[0] * h, grid[1] * w)
-        resized = [  # area interpolation in float32, as NVILA does, then back to the features' dtype
-            F.interpolate(m.permute(2, 0, 1)[None].float(), size=size, mode="area")[0].permute(1, 2, 0).to(m.dtype)
-            for m in maps]  # each (R*h, C*w, C)
-        merged = torch.cat(resized, dim=-1)  # (R*h, C*w, L*C)
-        return split_map(merged, *grid)  # (R*C, h, w, L*C)
+        channels = features.shape[-1]
+        scale_grids = self.scale_grids(grid)
+        out = features.new_empty(rows * cols, h, w, len(scale_grids) * channels)  # (R*C, h, w, L*C)
+        out_map = out.view(rows, cols, h, w, -1).permute(0, 2, 1, 3, 4)  # (R, h, C, w, L*C): the merged map
+        start = 0
+        for k, (r, c) in enumerate(scale_grids):
+            tiles = features[start:start + r * c]  # (r*c, h, w, C)
+            start += r * c
+            part = slice(k * channels, (k + 1) * channels)
+            if (r, c) == (rows, cols):
+                out[..., part] = tiles
+                continue
+            stitched = merge_blocks(tiles, r, c).permute(2, 0, 1)[None]  # (1, C, r*h, c*w)
+            resized = F.interpolate(stitched.float(), size=(rows * h, cols * w), mode="area")  # in float32, as NVILA
+            resized = resized[0].permute(1, 2, 0).to(out.dtype)  # (R*h, C*w, C)
+            out_map[..., part] = resized.unflatten(0, (rows, h)).unflatten(2, (cols, w))  # (R, h, C, w, C)
+        return out
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         if pixels.shape[-2:] != (self.tile, self.tile):
             raise ValueError(f"{self.name()} takes tiles of {self.tile}x{self.tile}, got {tuple(pixels.shape[-2:])}")
         counts = self.tile_counts(pixels.shape[0], grids)
         features = self.encode_tiles(pixels)  # (T, h, w, C)
+        return self.assemble(features, counts, grids)
+
+    def assemble(self, features: torch.Tensor, counts: list[int], grids: list[Grid]) -> torch.Tensor:
+        """Tile features ``(T, h, w, C)`` of a batch, ``counts`` tiles per image -> blocks (sum R*C, h, w, L*C)."""
         blocks = []
         for image_features, grid in zip(features.split(counts), grids):
             if image_features.shape[0] == 1:  # a video frame (or a one-tile image): same feature at every scale

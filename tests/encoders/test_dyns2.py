@@ -158,6 +158,7 @@ def test_the_grid_follows_the_upright_image():
     ({"chunk_size": 0}, "chunk_size must be a positive"),
     ({"base": {"name": "siglip", "hiden_size": 8}}, "base: .*'hiden_size'.*Did you mean 'hidden_size'"),
     ({"base": {"name": "sigclip"}}, "base: Unknown encoder 'sigclip'. Did you mean 'siglip'"),
+    ({"base": {"name": "siglip", "image_size": 30}}, "base: .*image_size 30 is not a multiple of patch_size 8"),
 ])
 def test_bad_settings_are_refused_before_anything_is_built(overrides, message):
     with pytest.raises(SpecError, match=message):
@@ -180,3 +181,10 @@ def test_a_tile_count_that_fits_no_grid_is_refused():
         encoder(torch.zeros(7, 3, 8, 8), [(3, 4)])
     with pytest.raises(ValueError, match="takes tiles of 8x8"):
         encoder(torch.zeros(17, 3, 16, 16), [(3, 4)])
+
+
+def test_gradients_reach_every_base_parameter_through_stitching_and_interpolation():
+    encoder = DynS2Encoder(DynS2Config(base=dict(TINY_SIGLIP), scales=[32, 64, 96], max_tiles=12))
+    prepared = encoder.processor()(noise_image(80, 50))
+    encoder(prepared.pixels, [prepared.grid]).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.base.parameters())
