@@ -165,7 +165,7 @@ class S2Encoder(VisionEncoder):
         """All tiles through the base encoder, ``chunk_size`` at a time: (T, 3, S, S) -> (T, h, w, C)."""
         chunk = self.config.chunk_size or max(pixels.shape[0], 1)
         parts = [self.base(p, [(1, 1)] * p.shape[0]) for p in pixels.split(chunk)]
-        return torch.cat(parts)  # (T, h, w, C)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, h, w, C)
 
     def merge_scales(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
         """One image's tile features, smallest scale first -> its merged map as blocks (R*C, h, w, L*C).
