@@ -32,6 +32,13 @@ def tiny_spec() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides(tiny_spec) -> list[str]:
+    """Command-line overrides that shrink a recipe's encoder and language model to the tiny test sizes."""
+    return [f"--model.{part}.{key}={value}" for part in ("encoder", "llm")
+            for key, value in tiny_spec[part].items() if key != "name"]
+
+
+@pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A small train/val shard set of the synthetic shapes task (32 px images)."""
     root = tmp_path_factory.mktemp("synth")
