@@ -86,7 +86,7 @@ def load_plugins(strict: bool | None = None, disabled: Iterable[str] | None = No
             if strict:
                 raise PluginLoadError(f"{failure} (NVILA_STRICT_PLUGINS is set, so this is fatal)") from exc
             log.warning("%s. Set NVILA_DISABLE_PLUGINS=%s to silence this, or NVILA_STRICT_PLUGINS=1 to "
-                        "make it fatal.", failure, ep.name)
+                        "make it fatal.", str(failure).rstrip("."), ep.name)
             loaded.failures.append(failure)
     return loaded
 
