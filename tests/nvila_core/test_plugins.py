@@ -18,7 +18,7 @@ import torch
 from nvila_core.errors import NvilaError, PluginLoadError
 from nvila_core.model import NvilaModel
 from nvila_core.plugins import load_plugins
-from nvila_core.testing import ContractError, check_distribution
+from nvila_core.testing import CHECKS, ContractError, check_distribution
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,6 +180,7 @@ def test_the_kit_names_the_failed_check_the_component_and_its_distribution(site,
     assert message.startswith(f"compressor 'flat' from flatplug 0.2 failed the '{check}' check: "), message
     assert detail in message
     assert failure.value.check == check and failure.value.component.distribution == "flatplug"
+    assert check in CHECKS  # every check a failure can name is documented
 
 
 def test_the_kit_lists_every_broken_component_of_a_distribution(site):
