@@ -102,6 +102,7 @@ class TokenMerging(Compressor):
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         m, h, w, c = blocks.shape
         target, _ = self.output_shape((h, w), c)
-        tokens, _ = merge_tokens(blocks.reshape(m, h * w, c), target,  # (M, h*w, C) -> (M, n, C)
+        # float32 inside: similarities and sizes (counts up to h*w) lose too much in bf16
+        tokens, _ = merge_tokens(blocks.float().reshape(m, h * w, c), target,  # (M, h*w, C) -> (M, n, C)
                                  self.config.merge_fraction, self.config.size_weighted)
-        return tokens
+        return tokens.to(blocks.dtype)

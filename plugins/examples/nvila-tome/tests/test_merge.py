@@ -40,6 +40,14 @@ def test_output_shape_is_exact(h, w, ratio, fraction):
     assert tuple(tokens.shape) == (2, *compressor.output_shape((h, w), 8))
 
 
+def test_low_precision_blocks_merge_in_float32_and_come_back_in_their_dtype():
+    blocks = torch.randn(2, 16, 16, 4)
+    compressor = TokenMerging(TokenMergingConfig())
+    tokens = compressor(blocks.bfloat16())
+    assert tokens.dtype == torch.bfloat16
+    assert torch.allclose(tokens.float(), compressor(blocks.bfloat16().float()), atol=1e-2)
+
+
 def test_ratio_one_keeps_every_token_in_order():
     blocks = torch.randn(2, 3, 4, 6)
     assert torch.equal(TokenMerging(TokenMergingConfig(ratio=1))(blocks), blocks.flatten(1, 2))
