@@ -171,6 +171,13 @@ def _check_llm(component: Component, config: object) -> nn.Module:
             f"embed() gave {_shape(embeds)} for ids {tuple(ids.shape)}, not {(*ids.shape, llm.hidden_size)}")
     _expect(_shape(logits)[:2] == tuple(ids.shape), component, "shape contract",
             f"logits shape {_shape(logits)} for ids {tuple(ids.shape)}")
+    with _check(component, "forward on tiny CPU inputs"), torch.no_grad():
+        hidden = llm.hidden_states(embeds, attention_mask=torch.ones_like(ids))
+        head = llm.output_layer()
+    _expect(_shape(hidden) == (*ids.shape, llm.hidden_size), component, "shape contract",
+            f"hidden_states() gave {_shape(hidden)} for ids {tuple(ids.shape)}, not {(*ids.shape, llm.hidden_size)}")
+    _expect(isinstance(head, nn.Linear) and head.in_features == llm.hidden_size, component, "interface",
+            f"output_layer() must be an nn.Linear from hidden_size {llm.hidden_size}, got {head!r}")
     return llm
 
 
