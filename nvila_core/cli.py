@@ -78,7 +78,8 @@ def _plugins(describe: str | None) -> None:
         components = [c for c in loaded.registry if c.kind == kind]
         print(f"{kind} ({what}):")
         for c in components:
-            print(f"  {c.name:<24} {c.distribution} {c.version:<10} {c.summary}")
+            origin = f"{c.distribution} {c.version}"
+            print(f"  {c.name:<24} {origin:<22} {c.summary}")
         if not components:
             print("  (none registered)")
     for failure in loaded.failures:
