@@ -48,22 +48,20 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_fit_args(synth_data, tiny_spec) -> Callable[..., list[str]]:
+def tiny_fit_args(synth_data, tiny_overrides) -> Callable[..., list[str]]:
     """``nvila fit`` arguments: a few steps of the demo recipe with the tiny model, on ``synth_data``.
 
     ``configs`` are extra recipe files applied after the demo recipe (a user's own YAML).
     """
 
     def args(root: Path, steps: int = 3, configs: tuple[Path, ...] = ()) -> list[str]:
-        enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
         return [
             "fit", "--config", "demo", *[a for c in configs for a in ("--config", str(c))],
             f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}", "--data.batch_size=4",
             "--data.num_workers=0", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
             "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--model.warmup_steps=1",
-            *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
-            *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"],
+            *tiny_overrides,
         ]
 
     return args
