@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
 
+    bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side")
+    bench.add_argument("suite", choices=["peft", "memory-savers"])
+
     ev = sub.add_parser("eval", help="answer held-out questions with a checkpoint and report accuracy")
     ev.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
     ev.add_argument("--shards", required=True, help="directory of shards to evaluate on")
@@ -84,7 +87,8 @@ def _plugins(describe: str | None) -> None:
         components = [c for c in loaded.registry if c.kind == kind]
         print(f"{kind} ({what}):")
         for c in components:
-            print(f"  {c.name:<24} {c.distribution} {c.version:<10} {c.summary}")
+            origin = f"{c.distribution} {c.version}"
+            print(f"  {c.name:<24} {origin:<22} {c.summary}")
         if not components:
             print("  (none registered)")
     for failure in loaded.failures:
@@ -167,6 +171,10 @@ def run(argv: list[str]) -> None:
         shards = find_shards(args.shards)
         result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
         print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
+    elif args.command == "bench":
+        from workflows.bench import markdown, run_suite
+
+        print(markdown(args.suite, run_suite(args.suite)))
     elif args.command == "generate":
         _generate(args)
 

@@ -54,6 +54,8 @@ class NvilaModel(nn.Module):
         self.llm = build("llm", self.spec.llm, registry)
         self.tokens_per_block, width = self.compressor.output_shape(self.encoder.block_size,
                                                                     self.encoder.out_channels)
+        self._token_shape = (self.tokens_per_block, width)
+        self._compressor_origin = _origin("compressor", self.spec.compressor, registry)
         self.projector = build("projector", self.spec.projector, registry, in_dim=width,
                                out_dim=self.llm.hidden_size)
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.load_tokenizer()
@@ -68,6 +70,11 @@ class NvilaModel(nn.Module):
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""
         blocks = self.encoder(pixels, grids)  # (M, h, w, C)
         tokens = self.compressor(blocks)  # (M, n, C')
+        if tuple(tokens.shape[1:]) != self._token_shape:  # the placeholders were counted from output_shape
+            raise NvilaError(
+                f"{self._compressor_origin} broke its shape contract: blocks {tuple(blocks.shape)} became tokens "
+                f"{tuple(tokens.shape)}, but its output_shape promised (M, {self._token_shape[0]}, "
+                f"{self._token_shape[1]}). Its author can find this with nvila_core.testing.check_distribution.")
         return self.projector(tokens).flatten(0, 1)  # (M*n, D)
 
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
@@ -116,3 +123,12 @@ class NvilaModel(nn.Module):
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return self.encoder.fsdp_wrap_modules() | self.llm.fsdp_wrap_modules()
+
+
+def _origin(kind: str, spec: dict[str, Any], registry: Registry | None) -> str:
+    """``compressor 'stc' from nvila 0.1.0``: which distribution built a part, for error messages."""
+    if registry is None:
+        from nvila_core.plugins import default_registry
+
+        registry = default_registry()
+    return registry.get(kind, spec["name"]).origin

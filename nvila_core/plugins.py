@@ -82,11 +82,11 @@ def load_plugins(strict: bool | None = None, disabled: Iterable[str] | None = No
         try:
             _load_one(pm, ep, loaded.registry, dist, version)
         except Exception as exc:  # a broken third-party plugin must not take nvila down
-            failure = PluginFailure(dist, version, ep.name, f"{type(exc).__name__}: {exc}")
+            failure = PluginFailure(dist, version, ep.name, f"{type(exc).__name__}: {_one_line(exc)}")
             if strict:
                 raise PluginLoadError(f"{failure} (NVILA_STRICT_PLUGINS is set, so this is fatal)") from exc
             log.warning("%s. Set NVILA_DISABLE_PLUGINS=%s to silence this, or NVILA_STRICT_PLUGINS=1 to "
-                        "make it fatal.", failure, ep.name)
+                        "make it fatal.", str(failure).rstrip("."), ep.name)
             loaded.failures.append(failure)
     return loaded
 
@@ -105,6 +105,11 @@ def _load_one(pm: pluggy.PluginManager, ep: EntryPoint, registry: Registry, dist
     except Exception:
         pm.unregister(name=ep.name)
         raise
+
+
+def _one_line(exc: Exception) -> str:
+    """An error on one line, so `nvila plugins` and the log show one line per failed plugin."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 @functools.cache

@@ -34,6 +34,11 @@ class Component:
     version: str
 
     @property
+    def origin(self) -> str:
+        """``compressor 'tome' from nvila-tome 0.1.0``: how errors name a component and who provides it."""
+        return f"{self.kind} '{self.name}' from {self.distribution} {self.version}"
+
+    @property
     def summary(self) -> str:
         doc = (self.factory.__doc__ or self.config.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,35 @@ def tiny_spec() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides(tiny_spec) -> list[str]:
+    """Command-line overrides that shrink a recipe's encoder and language model to the tiny test sizes."""
+    return [f"--model.{part}.{key}={value}" for part in ("encoder", "llm")
+            for key, value in tiny_spec[part].items() if key != "name"]
+
+
+@pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A small train/val shard set of the synthetic shapes task (32 px images)."""
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, train=512, val=64, seed=3, image_size=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_fit_args(synth_data, tiny_overrides) -> Callable[..., list[str]]:
+    """``nvila fit`` arguments: a few steps of the demo recipe with the tiny model, on ``synth_data``.
+
+    ``configs`` are extra recipe files applied after the demo recipe (a user's own YAML).
+    """
+
+    def args(root: Path, steps: int = 3, configs: tuple[Path, ...] = ()) -> list[str]:
+        return [
+            "fit", "--config", "demo", *[a for c in configs for a in ("--config", str(c))],
+            f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}", "--data.batch_size=4",
+            "--data.num_workers=0", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--model.warmup_steps=1",
+            *tiny_overrides,
+        ]
+
+    return args

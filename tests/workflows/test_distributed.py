@@ -37,8 +37,7 @@ def test_each_sample_is_seen_once_per_epoch_across_ranks_and_workers(many_shards
     assert len(seen[0]) + len(seen[1]) == len(set(seen[0]) | set(seen[1])) == 96
 
 
-def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_spec, tmp_path):
-    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, tmp_path):
     out = subprocess.run([
         sys.executable, "-m", "nvila_core.cli", "fit", "--config", "demo",
         f"--data.train={many_shards / 'train'}", f"--data.val={many_shards / 'val'}",
@@ -46,8 +45,7 @@ def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_spec, tmp_pa
         "--trainer.strategy=ddp", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=4",
         "--data.num_workers=1", "--model.warmup_steps=1",
-        *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
-        *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"],
+        *tiny_overrides,
     ], capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]

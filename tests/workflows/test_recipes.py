@@ -1,10 +1,14 @@
 """Every shipped recipe loads and builds through the Lightning CLI (without training)."""
 
+import inspect
+
 import pytest
 import torch
+import yaml
 
 from nvila_core.errors import NvilaError
-from workflows.cli import NvilaCLI, recipe_path, refuse_import_paths, shipped_recipes
+from workflows.cli import NvilaCLI, recipe_fragments, recipe_path, refuse_import_paths, shipped_recipes
+from workflows.module import NvilaModule
 
 # Released-size presets (nvila-8b has 8 billion parameters) are built through the same CLI on PyTorch's meta
 # device: every module gets its real class and shapes but no storage, so a wrong key, type or shape fails here
@@ -50,3 +54,22 @@ def test_recipes_and_overrides_may_not_name_import_paths(tmp_path):
 def test_unknown_recipe_names_list_the_shipped_ones():
     with pytest.raises(NvilaError, match="neither a file nor a shipped recipe.*demo"):
         recipe_path("dmeo")
+
+
+@pytest.mark.parametrize("fragment", recipe_fragments(), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_fragment_opens_with_how_to_launch_it_and_names_known_keys(fragment):
+    text = fragment.read_text()
+    assert text.startswith("#") and "nvila fit --config" in text
+    config = yaml.safe_load(text)
+    assert set(config) <= {"model", "data", "trainer", "checkpoint"}
+    module_args = set(inspect.signature(NvilaModule.__init__).parameters)
+    assert set(config.get("model", {})) <= module_args, set(config.get("model", {})) - module_args
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA GPUs")
+def test_fsdp_fragment_builds_a_sharded_trainer(synth_data):
+    cli = NvilaCLI(args=["--config", recipe_path("demo"), "--config", recipe_path("strategies/fsdp"),
+                         f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
+                         "--trainer.devices=1"], run=False)
+    assert type(cli.trainer.strategy).__name__ == "FSDPStrategy"

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 
-def fit_command(root, synth_data, tiny_spec, *extra):
-    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+def fit_command(root, synth_data, tiny_overrides, *extra):
     return [
         sys.executable, "-m", "nvila_core.cli", "fit", "--config", "demo",
         f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
@@ -19,8 +18,7 @@ def fit_command(root, synth_data, tiny_spec, *extra):
         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=16",
         "--data.num_workers=1", "--data.shuffle_buffer=64", "--model.warmup_steps=5",
         "--checkpoint.every_n_train_steps=8",
-        *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
-        *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"],
+        *tiny_overrides,
         *extra,
     ]
 
@@ -30,15 +28,15 @@ def final_weights(root):
     return load_file(path)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, tiny_spec):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, tiny_overrides):
     # 512 samples / 16 = 32 batches an epoch: 48 steps cross an epoch boundary after the restart
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     straight = tmp_path / "straight"
-    subprocess.run(fit_command(straight, synth_data, tiny_spec), check=True, env=env, capture_output=True,
+    subprocess.run(fit_command(straight, synth_data, tiny_overrides), check=True, env=env, capture_output=True,
                    timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(fit_command(killed, synth_data, tiny_spec), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(fit_command(killed, synth_data, tiny_overrides), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("*step=16*.ckpt")):
@@ -52,7 +50,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, 
     (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state["epoch"] == 0 and loader_state["batches"] in (8, 16), loader_state
 
-    resumed = subprocess.run(fit_command(killed, synth_data, tiny_spec, "--ckpt_path", "last"), env=env,
+    resumed = subprocess.run(fit_command(killed, synth_data, tiny_overrides, "--ckpt_path", "last"), env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout

@@ -11,25 +11,23 @@ STAGES = ["align", "encoder-pretrain", "pretrain", "sft", "peft"]
 FROZEN = {"align": ["encoder", "llm"], "encoder-pretrain": ["llm"], "pretrain": [], "sft": [], "peft": []}
 
 
-def tiny_args(synth_data, tiny_spec, root):
-    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+def tiny_args(synth_data, tiny_overrides, root):
     return [f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
             f"--trainer.default_root_dir={root}", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
             "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false", "--data.batch_size=8",
             "--data.num_workers=0", "--model.warmup_steps=1",
-            *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
-            *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"]]
+            *tiny_overrides]
 
 
 def weights(cli):
     return {k: v.detach().clone() for k, v in cli.model.model.state_dict().items()}
 
 
-def test_stages_chain_through_checkpoints_and_train_only_their_parts(synth_data, tiny_spec, tmp_path):
+def test_stages_chain_through_checkpoints_and_train_only_their_parts(synth_data, tiny_overrides, tmp_path):
     previous = None
     for stage in STAGES:
         args = ["fit", "--config", recipe_path("demo"), "--config", recipe_path(f"stages/{stage}"),
-                *tiny_args(synth_data, tiny_spec, tmp_path / stage), "--model.lr=1e-2"]
+                *tiny_args(synth_data, tiny_overrides, tmp_path / stage), "--model.lr=1e-2"]
         if previous is not None:
             args.append(f"--model.init_from={previous}")
         cli = run_cli(args)
@@ -47,9 +45,9 @@ def test_stages_chain_through_checkpoints_and_train_only_their_parts(synth_data,
         previous = cli.export.path
 
 
-def test_lr_multipliers_give_each_part_its_learning_rate(synth_data, tiny_spec, tmp_path):
+def test_lr_multipliers_give_each_part_its_learning_rate(synth_data, tiny_overrides, tmp_path):
     cli = NvilaCLI(args=["--config", recipe_path("demo"), "--config", recipe_path("stages/peft"),
-                         *tiny_args(synth_data, tiny_spec, tmp_path)], run=False)
+                         *tiny_args(synth_data, tiny_overrides, tmp_path)], run=False)
     groups = {g["name"]: g["lr"] for g in cli.model.parameter_groups()}
     assert groups["encoder"] == pytest.approx(0.1 * groups["llm"])
     assert groups["projector"] == groups["llm"] == pytest.approx(1e-4)
@@ -61,23 +59,23 @@ def test_lr_multipliers_give_each_part_its_learning_rate(synth_data, tiny_spec, 
     ("--model.loss=lean", "model.loss 'lean' is unknown"),
     ("--model.precision={name: fp8}", "compute capability 8.9"),
 ])
-def test_bad_training_settings_are_refused_before_training(synth_data, tiny_spec, tmp_path, override, message):
+def test_bad_training_settings_are_refused_before_training(synth_data, tiny_overrides, tmp_path, override, message):
     with pytest.raises(NvilaError, match=message):
-        NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_spec, tmp_path), override],
+        NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_overrides, tmp_path), override],
                  run=False)
 
 
-def test_a_checkpoint_of_another_architecture_is_refused(synth_data, tiny_spec, tmp_path):
-    first = run_cli(["fit", "--config", recipe_path("demo"), *tiny_args(synth_data, tiny_spec, tmp_path / "a")])
+def test_a_checkpoint_of_another_architecture_is_refused(synth_data, tiny_overrides, tmp_path):
+    first = run_cli(["fit", "--config", recipe_path("demo"), *tiny_args(synth_data, tiny_overrides, tmp_path / "a")])
     with pytest.raises(NvilaError, match="do not fit this model's architecture"):
-        NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_spec, tmp_path / "b"),
+        NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_overrides, tmp_path / "b"),
                        "--model.llm.hidden_size=64", f"--model.init_from={first.export.path}"], run=False)
 
 
-def test_memory_savers_leave_the_loss_unchanged(synth_data, tiny_spec, tmp_path):
+def test_memory_savers_leave_the_loss_unchanged(synth_data, tiny_overrides, tmp_path):
     def first_loss(*extra):
         torch.manual_seed(0)
-        cli = NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_spec, tmp_path), *extra],
+        cli = NvilaCLI(args=["--config", recipe_path("demo"), *tiny_args(synth_data, tiny_overrides, tmp_path), *extra],
                        run=False)
         batch = next(iter(_loader(cli)))
         cli.model.train()

@@ -8,8 +8,7 @@ from workflows.cli import recipe_path, run_cli
 from workflows.evaluate import evaluate
 
 
-def test_a_few_steps_reduce_the_loss_and_export_a_checkpoint(synth_data, tmp_path, tiny_spec):
-    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+def test_a_few_steps_reduce_the_loss_and_export_a_checkpoint(synth_data, tmp_path, tiny_overrides):
     cli = run_cli([
         "fit", "--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
         f"--data.val={synth_data / 'val'}", f"--trainer.default_root_dir={tmp_path}",
@@ -17,8 +16,7 @@ def test_a_few_steps_reduce_the_loss_and_export_a_checkpoint(synth_data, tmp_pat
         "--trainer.log_every_n_steps=5",
         "--trainer.enable_progress_bar=false", "--data.batch_size=16", "--data.num_workers=0",
         "--model.warmup_steps=5",
-        *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
-        *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"],
+        *tiny_overrides,
     ])
     assert cli.trainer.global_step == 100
     (csv,) = tmp_path.rglob("metrics.csv")

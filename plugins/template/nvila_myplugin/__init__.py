@@ -1,0 +1,1 @@
+"""An nvila plugin package: one compressor, registered through the ``nvila`` entry-point group."""

@@ -1,0 +1,166 @@
+"""``nvila bench``: training memory and speed, measured side by side in one run.
+
+Each configuration runs in a fresh subprocess, so peak memory is its own: on a CPU the figure is the
+peak resident memory during training steps (sampled every few milliseconds) above the process's
+footprint before the model was built, so it counts weights, gradients, optimizer state and activations;
+on a GPU it is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+# A mid-size model: Qwen2 at 1024 wide x 12 layers (~150M parameters with the small vocabulary),
+# SigLIP at 384 wide x 8 layers on 224 px tiles; large enough that weights and optimizer state dominate.
+MID_MODEL = {
+    "encoder": {"name": "siglip", "image_size": 224, "patch_size": 16, "hidden_size": 384,
+                "intermediate_size": 1536, "num_layers": 8, "num_heads": 6, "feature_layer": -1},
+    "compressor": {"name": "stc", "ratio": 2},
+    "projector": {"name": "mlp"},
+    "llm": {"name": "qwen2", "hidden_size": 1024, "intermediate_size": 2816, "num_layers": 12,
+            "num_heads": 16, "num_kv_heads": 4},
+}
+
+
+@dataclass
+class Result:
+    name: str
+    trainable_params: int
+    total_params: int
+    peak_memory_mb: float
+    step_seconds: float
+    tokens_per_second: float
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakSampler:
+    """Samples resident memory on a background thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self._stop = interval, _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _batch(model: Any, batch_size: int, question_words: int) -> dict[str, Any]:
+    from PIL import Image
+
+    from nvila_core.processor import collate
+
+    question = " ".join(["what color is the shape"] * (question_words // 5))
+    samples = [model.processor.encode([{"from": "human", "value": f"<image>\n{question}"},
+                                       {"from": "gpt", "value": "red " * 8}], [Image.new("RGB", (224, 224))])
+               for _ in range(batch_size)]
+    return collate(samples, model.tokenizer.pad_token_id)
+
+
+def run_one(name: str, settings: dict[str, Any]) -> Result:
+    """Build a model with ``settings`` (NvilaModule arguments), train a few steps, measure."""
+    from workflows.module import NvilaModule
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = _rss_mb()
+    vocab = settings.pop("vocab_size", None)
+    steps, batch_size = settings.pop("steps", 3), settings.pop("batch_size", 4)
+    module = NvilaModule(**MID_MODEL, **settings)
+    if vocab:
+        module.model.llm.resize_vocab(vocab)
+    module.to(device)
+    optimizer = torch.optim.AdamW(module.parameter_groups())
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _batch(module.model, batch_size, 60).items()}
+    tokens = int(batch["attention_mask"].sum())
+    module.train()
+
+    def step() -> None:
+        out = module.model(**batch, loss=module.hparams.loss, loss_chunk_size=module.hparams.loss_chunk_size)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with PeakSampler() as sampler:
+        step()  # warm-up: allocates gradients and optimizer state
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else sampler.peak - baseline
+    params = list(module.model.parameters())
+    return Result(name, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),
+                  round(peak, 1), round(seconds, 3), round(tokens / seconds, 1))
+
+
+SUITES: dict[str, dict[str, dict[str, Any]]] = {
+    "peft": {
+        "full fine-tuning": {},
+        "PEFT (LoRA r=16 + LayerNorm tuning)": {"peft": {"lora": {"r": 16}, "vision": "layernorm"},
+                                                "lr_multipliers": {"encoder": 0.1}},
+    },
+    "memory-savers": {
+        "standard loss": {"vocab_size": 151936},
+        "chunked loss": {"vocab_size": 151936, "loss": "chunked"},
+        "gradient checkpointing": {"vocab_size": 151936, "gradient_checkpointing": True},
+        "chunked loss + gradient checkpointing": {"vocab_size": 151936, "loss": "chunked",
+                                                  "gradient_checkpointing": True},
+    },
+}
+
+
+def run_suite(suite: str) -> list[Result]:
+    """Every configuration of a suite, each in its own process."""
+    results = []
+    for name in SUITES[suite]:
+        out = subprocess.run([sys.executable, "-m", "workflows.bench", suite, name], capture_output=True,
+                             text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark '{name}' failed:\n{out.stderr[-2000:]}")
+        results.append(Result(**json.loads(out.stdout.strip().splitlines()[-1])))
+    return results
+
+
+def markdown(suite: str, results: list[Result]) -> str:
+    """A Markdown table with ratios against the suite's first configuration."""
+    base = results[0]
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
+        f"{torch.get_num_threads()} threads"
+    lines = [f"`nvila bench {suite}` on {machine}, torch {torch.__version__}", "",
+             "| configuration | trainable params | peak memory (MB) | memory vs first | step (s) | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.trainable_params / 1e6:.1f}M of {r.total_params / 1e6:.1f}M | "
+                     f"{r.peak_memory_mb:.0f} | {base.peak_memory_mb / r.peak_memory_mb:.2f}x less | "
+                     f"{r.step_seconds:.2f} | {r.tokens_per_second:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one configuration, in its own process
+    suite_name, config_name = sys.argv[1], sys.argv[2]
+    print(json.dumps(asdict(run_one(config_name, dict(SUITES[suite_name][config_name])))))
