@@ -119,10 +119,15 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
 
 
 SUITES: dict[str, dict[str, dict[str, Any]]] = {
+    # Both sides with gradient checkpointing first (how NVILA fine-tunes: activations then stay small
+    # beside weights and optimizer state), then both without it.
     "peft": {
-        "full fine-tuning": {},
+        "full fine-tuning": {"gradient_checkpointing": True},
         "PEFT (LoRA r=16 + LayerNorm tuning)": {"peft": {"lora": {"r": 16}, "vision": "layernorm"},
-                                                "lr_multipliers": {"encoder": 0.1}},
+                                                "lr_multipliers": {"encoder": 0.1}, "gradient_checkpointing": True},
+        "full fine-tuning, no checkpointing": {},
+        "PEFT, no checkpointing": {"peft": {"lora": {"r": 16}, "vision": "layernorm"},
+                                   "lr_multipliers": {"encoder": 0.1}},
     },
     "memory-savers": {
         "standard loss": {"vocab_size": 151936},
