@@ -144,3 +144,27 @@ def test_training_with_packing_runs_through_the_lightning_cli(synth_data, tmp_pa
     ])
     assert cli.trainer.global_step == 6
     assert cli.datamodule.health.samples > 6 * 2 * 3, "several samples in each of the two rows of a batch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_packed_loss_matches_on_a_gpu(encoded, registry, tiny_spec, attention):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    spec = {**tiny_spec, "llm": {**tiny_spec["llm"], "attn_implementation": attention}}
+    torch.manual_seed(0)
+    model = NvilaModel(spec, registry).to("cuda", torch.bfloat16).eval()
+    pad = model.tokenizer.pad_token_id
+
+    def cuda(batch):
+        return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    with torch.no_grad():
+        alone = torch.stack([model(**cuda(collate([s], pad)))["loss"].float() for s in encoded])
+        weights = torch.tensor([targets(s.labels) for s in encoded], dtype=torch.float32, device="cuda")
+        expected = (alone * weights).sum() / weights.sum()
+        batch = cuda(collate_packed(list(pack_rows(encoded, budget=256)), pad))
+        packed = model(**model_inputs(batch, model.llm, torch.bfloat16))["loss"].float()
+    torch.testing.assert_close(packed, expected, rtol=2e-2, atol=2e-2)
