@@ -168,3 +168,21 @@ def test_packed_loss_matches_on_a_gpu(encoded, registry, tiny_spec, attention):
         batch = cuda(collate_packed(list(pack_rows(encoded, budget=256)), pad))
         packed = model(**model_inputs(batch, model.llm, torch.bfloat16))["loss"].float()
     torch.testing.assert_close(packed, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_flash_attention_layout_is_one_row_whose_position_ids_restart_per_sample(encoded, registry, tiny_spec):
+    """The inputs made for flash-attention (one flattened row, no mask) are checked on the CPU through
+    transformers' own packed-sequence detection, which SDPA also applies when no mask is given."""
+    from types import SimpleNamespace
+
+    flash = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    torch.manual_seed(0)
+    model = NvilaModel(tiny_spec, registry).eval()
+    pad = model.tokenizer.pad_token_id
+    batch = collate_packed(list(pack_rows(encoded, budget=256, open_rows=4)), pad)
+    flat = model_inputs(batch, flash)
+    assert flat["attention_mask"] is None and flat["input_ids"].shape == (1, batch["input_ids"].numel())
+    with torch.no_grad():
+        expected = model(**model_inputs(batch, model.llm))["loss"]
+        got = model(**flat)["loss"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
