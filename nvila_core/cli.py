@@ -1,4 +1,4 @@
-"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data synth, eval, generate, plan.
+"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data, prune, eval, generate, plan, bench.
 
 User errors (bad specs, missing shards, broken plugins) print one paragraph and exit with status 2;
 ``--debug`` shows the traceback instead.
@@ -40,6 +40,26 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=500, help="validation samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    convert = data_sub.add_parser("convert", help="convert LLaVA JSON plus a media folder into webdataset shards")
+    convert.add_argument("--llava-json", required=True, help="LLaVA-style .json list (or .jsonl) of records")
+    convert.add_argument("--media-root", required=True, help="folder the records' image/video paths are relative to")
+    convert.add_argument("--out", required=True, help="folder for the shards and convert-report.json")
+    convert.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    convert.add_argument("--source", default=None, help="data set name for records without one (default: file stem)")
+
+    prune = sub.add_parser("prune", help="score every sample with a pruner and keep a fraction of each data set")
+    prune.add_argument("--pruner", required=True,
+                       help="pruner name (deltaloss, random) or spec, e.g. \"{name: random, seed: 3}\"")
+    prune.add_argument("--keep", type=float, required=True, help="fraction kept within each source data set")
+    prune.add_argument("--in", dest="inp", required=True, help="shards to prune (directory or file)")
+    prune.add_argument("--out", required=True, help="folder for the kept shards and the report")
+    prune.add_argument("--small-ckpt", help="checkpoint directory of the small model (deltaloss)")
+    prune.add_argument("--large-ckpt", help="checkpoint directory of the large model (deltaloss)")
+    prune.add_argument("--batch-size", type=int, default=32)
+    prune.add_argument("--num-workers", type=int, default=1)
+    prune.add_argument("--accelerator", default="auto")
+    prune.add_argument("--devices", default="auto")
+    prune.add_argument("--shard-size", type=int, default=1000)
 
     bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side")
     bench.add_argument("suite", choices=["peft", "memory-savers"])
@@ -157,12 +177,26 @@ def run(argv: list[str]) -> None:
         run_demo(args.out, args.train_samples, args.val_samples)
     elif args.command == "plugins":
         _plugins(args.describe)
+    elif args.command == "data" and args.data_command == "convert":
+        from nvila_core.data.convert import REPORT_FILE, convert_llava
+
+        report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source)
+        print(report.summary())
+        print(f"report: {Path(args.out) / REPORT_FILE}")
     elif args.command == "data":
         from nvila_core.data.synthetic import write_dataset
 
         splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
         for split, shards in splits.items():
             print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
+    elif args.command == "prune":
+        from workflows.prune import run_prune
+
+        result = run_prune(args.pruner, args.keep, args.inp, args.out, small_ckpt=args.small_ckpt,
+                           large_ckpt=args.large_ckpt, batch_size=args.batch_size, num_workers=args.num_workers,
+                           accelerator=args.accelerator, devices=args.devices, shard_size=args.shard_size)
+        if result is not None:
+            print(result.summary())
     elif args.command == "eval":
         from nvila_core.checkpoint import load_checkpoint
         from nvila_core.data.shards import find_shards

@@ -95,17 +95,24 @@ class NvilaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixels: torch.Tensor | None = None, grids: list[tuple[int, int]] | None = None,
                 labels: torch.Tensor | None = None, loss: str = "standard",
-                loss_chunk_size: int = 1024) -> dict[str, torch.Tensor]:
-        """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor."""
+                loss_chunk_size: int = 1024, position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor.
+
+        ``attention_mask`` is (B, L) for padded batches, or (B, 1, L, L) additive for packed ones, which also
+        pass ``position_ids`` (B, L) restarting at each packed sample (see ``nvila_core.data.packing``).
+        """
         embeds = self.embed(input_ids, pixels, grids or [])
+        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(embeds.dtype)  # SDPA wants the query's dtype
         if labels is not None and loss != "standard":
-            hidden = self.llm.hidden_states(embeds, attention_mask=attention_mask)  # (B, L, D)
+            hidden = self.llm.hidden_states(embeds, attention_mask=attention_mask,
+                                            position_ids=position_ids)  # (B, L, D)
             if loss == "chunked":
                 return {"loss": chunked_loss(hidden, self.llm.output_layer(), labels, loss_chunk_size)}
             if loss == "fused":
                 return {"loss": fused_loss(hidden, self.llm.output_layer(), labels)}
             raise NvilaError(f"Unknown loss '{loss}'; choose one of {', '.join(LOSSES)}.")
-        logits = self.llm(embeds, attention_mask=attention_mask)  # (B, L, V)
+        logits = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids)  # (B, L, V)
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = standard_loss(logits, labels)

@@ -22,6 +22,10 @@ IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+class SampleTooLong(ValueError):
+    """A sample with more tokens than ``max_length``: it is skipped, never truncated through its media."""
+
+
 @dataclass
 class Encoded:
     """One tokenized sample, ready for collation."""
@@ -123,7 +127,7 @@ class NvilaProcessor:
                 out_ids.append(token)
                 out_labels.append(label)
         if len(out_ids) > self.max_length:
-            raise ValueError(f"sample has {len(out_ids)} tokens, more than max_length {self.max_length}")
+            raise SampleTooLong(f"sample has {len(out_ids)} tokens, more than max_length {self.max_length}")
         pixels = torch.cat([p.pixels for p in prepared]) if prepared else None
         return Encoded(torch.tensor(out_ids), torch.tensor(out_labels), pixels, [p.grid for p in prepared])
 

@@ -9,8 +9,9 @@ In a plugin package's own test suite::
 
 Each component is built from its config defaults, run forward on tiny CPU inputs, checked against
 its kind's shape contract and token accounting, and its config and state dict are round-tripped
-(the latter through safetensors). A failure raises :class:`ContractError` naming the check, the
-component and its distribution, for example::
+(the latter through safetensors). Pruners score a tiny batch with tiny models: one float per sample,
+finite, deterministic, and the same whatever the batch mates. A failure raises :class:`ContractError`
+naming the check, the component and its distribution, for example::
 
     compressor 'bad-shape' from badplug 0.2 failed the 'token accounting' check: on blocks (2, 6, 6, 8)
     forward gave (2, 35, 8) but output_shape promised (2, 36, 8)
@@ -44,6 +45,7 @@ CHECKS: dict[str, str] = {
     "shape contract": "outputs have the layout the kind's interface states",
     "token accounting": "sizes announced before the run (output_shape, processor().plan) match the real ones",
     "state-dict round-trip": "weights saved with safetensors load back into the module unchanged",
+    "pruner scores": "one finite score per sample, deterministic, independent of the other samples in the batch",
 }
 """Every check the kit runs, by the name a failure reports."""
 
@@ -196,12 +198,64 @@ KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {
     "llm": _check_llm,
     "precision": _check_precision,
 }
-"""The kind-specific checks; kinds missing here (pruner, for now) get the config checks and a warning."""
+"""The kind-specific checks (pruners have their own, below); other kinds get the config checks and a warning."""
+
+
+TINY_MODEL = {
+    "encoder": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                "num_layers": 1, "num_heads": 2, "feature_layer": -1},
+    "compressor": {"name": "stc", "ratio": 2},
+    "projector": {"name": "mlp"},
+    "llm": {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1},
+}
+"""A tiny model built from nvila's own components, for checks that need one (pruners score with models)."""
+
+
+def _check_pruner(component: Component, config: object, registry: Registry) -> None:
+    from nvila_core.model import NvilaModel
+    from nvila_core.processor import collate
+    from nvila_core.pruning import Pruner, ScoringBatch
+
+    with _check(component, "build from defaults"):
+        pruner = component.factory(config)
+    _expect(isinstance(pruner, Pruner), component, "interface", "a pruner must subclass nvila_core.pruning.Pruner")
+    _expect(isinstance(pruner.models, tuple) and all(isinstance(r, str) for r in pruner.models), component,
+            "interface", "models must be a tuple of role names, e.g. ('small', 'large')")
+    torch.manual_seed(0)
+    models = {role: NvilaModel(TINY_MODEL, registry).eval() for role in pruner.models}
+    image = Image.new("RGB", (32, 32), (30, 200, 30))
+    conversations = [
+        ([{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "green"}], [image]),
+        ([{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello there, friend"}], []),
+        ([{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "one"}], [image]),
+    ]
+
+    def batch(indices: list[int]) -> ScoringBatch:
+        inputs = {role: collate([m.processor.encode(*conversations[i]) for i in indices], m.tokenizer.pad_token_id)
+                  for role, m in models.items()}
+        return ScoringBatch([f"check.tar:{i}" for i in indices], ["check"] * len(indices), inputs)
+
+    with torch.no_grad(), _check(component, "forward on tiny CPU inputs"):
+        scores = pruner.score(batch([0, 1, 2]), models)
+        again = pruner.score(batch([0, 1, 2]), models)
+        alone = torch.cat([pruner.score(batch([i]), models) for i in range(3)])
+    _expect(isinstance(scores, torch.Tensor) and tuple(scores.shape) == (3,) and scores.is_floating_point(),
+            component, "shape contract",
+            f"score() must return a (B,) float tensor, got {getattr(scores, 'shape', scores)!r}")
+    _expect(bool(torch.isfinite(scores).all()), component, "pruner scores",
+            f"scores of samples with answers must be finite: {scores}")
+    _expect(torch.equal(scores, again), component, "pruner scores", "scores must be deterministic")
+    _expect(torch.allclose(scores.double(), alone.double(), atol=1e-4), component, "pruner scores",
+            f"a sample's score must not depend on its batch mates: {scores.tolist()} vs alone {alone.tolist()}")
 
 
 def check_component(component: Component, registry: Registry) -> None:
     """Every contract check for one registered component; raises ContractError on the first failure."""
     config = check_config_round_trip(component, registry)
+    if component.kind == "pruner":  # pruners score with models, so their check needs the registry
+        _check_pruner(component, config, registry)
+        return
     kind_check = KIND_CHECKS.get(component.kind)
     if kind_check is None:
         warnings.warn(f"the nvila test kit has no checks for kind '{component.kind}' yet; only the config "

@@ -22,3 +22,20 @@ class ExportCheckpoint(L.Callback):
         merge_lora(pl_module.model)  # a PEFT checkpoint has the plain architecture's layout
         if trainer.is_global_zero:
             save_checkpoint(pl_module.model, self.path)
+
+
+class DataHealthLogger(L.Callback):
+    """Logs the data module's skip counts (total, fraction, per reason) with the training metrics."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if health is None:
+            return
+        for name, value in health.metrics().items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if health is not None:
+            health.check(final=True)  # an epoch shorter than min_samples is judged too

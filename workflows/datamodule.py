@@ -1,12 +1,23 @@
-"""The LightningDataModule: streams webdataset shards, tokenized by the model's own processor."""
+"""The LightningDataModule: streams webdataset shards, tokenized by the model's own processor.
+
+Batches are formed in the DataLoader workers (padded, or packed up to ``pack_tokens``), and carry the
+records of samples the workers had to skip; :meth:`NvilaDataModule.on_after_batch_transfer` counts them
+in :attr:`NvilaDataModule.health`, stops the run past ``max_skip_fraction``, and hands the model only
+its inputs.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from nvila_core.data.shards import EpochStream, ResumableLoader, find_shards, sample_stream
-from nvila_core.processor import collator
+from nvila_core.data.packing import Batching, as_formed, model_inputs
+from nvila_core.data.shards import EpochStream, ResumableLoader, find_shards
+from nvila_core.data.skips import DataHealth
+from nvila_core.data.video import VideoSampling
+from nvila_core.errors import NvilaError
 
 
 class NvilaDataModule(L.LightningDataModule):
@@ -15,18 +26,33 @@ class NvilaDataModule(L.LightningDataModule):
     Args:
         train: directory of training shards (``*.tar``).
         val: directory of validation shards; None skips validation.
-        batch_size: samples per batch and device.
-        num_workers: DataLoader worker processes (decoding and tokenization run there).
+        batch_size: samples per batch and device; with ``packing``, packed rows per batch and device.
+        num_workers: DataLoader worker processes (decoding, preprocessing, tokenization and packing run there).
         shuffle_buffer: samples held for shuffling the training stream.
         seed: seed of the shard and sample shuffle (epoch e uses seed + e).
+        packing: pack several samples into each row (own position ids, no attention across samples).
+        pack_tokens: token budget of a packed row; at least the model's ``max_length``.
+        video_frames: frames sampled uniformly from each video; None samples by ``video_fps``.
+        video_fps: frames per second of video to sample when ``video_frames`` is None.
+        video_max_frames: cap on frames per video when sampling by fps.
+        max_skip_fraction: stop training once more than this share of the samples seen had to be skipped.
     """
 
     def __init__(self, train: str = "nvila-demo/data/train", val: str | None = None, batch_size: int = 16,
-                 num_workers: int = 1, shuffle_buffer: int = 1000, seed: int = 0) -> None:
+                 num_workers: int = 1, shuffle_buffer: int = 1000, seed: int = 0, packing: bool = False,
+                 pack_tokens: int = 4096, video_frames: int | None = 8, video_fps: float | None = None,
+                 video_max_frames: int = 256, max_skip_fraction: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_shards = find_shards(train)
         self.val_shards = find_shards(val) if val else None
+        try:
+            self.video = VideoSampling(video_frames, video_fps, video_max_frames)
+        except ValueError as exc:
+            raise NvilaError(f"data.video_*: {exc}") from None
+        if not 0 <= max_skip_fraction <= 1:
+            raise NvilaError(f"data.max_skip_fraction must be between 0 and 1, got {max_skip_fraction}.")
+        self.health = DataHealth(max_fraction=max_skip_fraction)
 
     @property
     def _model(self):
@@ -35,17 +61,42 @@ class NvilaDataModule(L.LightningDataModule):
     def _workers(self, shards: list[str]) -> int:
         return min(self.hparams.num_workers, len(shards))
 
+    def _batching(self, packing: bool) -> Batching:
+        max_length = self._model.processor.max_length
+        if packing and self.hparams.pack_tokens < max_length:
+            raise NvilaError(f"data.pack_tokens={self.hparams.pack_tokens} is below model.max_length={max_length}: "
+                             "samples that fit the model could not be packed. Raise pack_tokens.")
+        return Batching(self.hparams.batch_size, self._model.tokenizer.pad_token_id,
+                        self.hparams.pack_tokens if packing else None)
+
     def train_dataloader(self) -> ResumableLoader:
         stream = EpochStream(self.train_shards, self._model.processor, self.hparams.shuffle_buffer,
-                             self.hparams.seed)
-        return ResumableLoader(stream, batch_size=self.hparams.batch_size,
-                               num_workers=self._workers(self.train_shards),
-                               collate_fn=collator(self._model.tokenizer.pad_token_id))
+                             self.hparams.seed, self._batching(self.hparams.packing), self.video)
+        return ResumableLoader(stream, batch_size=None, collate_fn=as_formed,
+                               num_workers=self._workers(self.train_shards))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shards:
             return []
         workers = self._workers(self.val_shards)
-        return DataLoader(sample_stream(self.val_shards, self._model.processor), batch_size=self.hparams.batch_size,
-                          num_workers=workers, collate_fn=collator(self._model.tokenizer.pad_token_id),
+        # validation batches are padded: per-sample metrics (exact match) read rows as samples
+        stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video)
+        return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
                           persistent_workers=workers > 0)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the batch's skip records (training only) and return the model's inputs alone."""
+        if not isinstance(batch, dict) or "skipped" not in batch:
+            return batch
+        if self.trainer is not None and self.trainer.training:
+            self.health.update(batch["num_samples"], batch["skipped"])
+            self.health.check()
+        model = self._model
+        return model_inputs(batch, model.llm, next(model.parameters()).dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"health": self.health.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "health" in state_dict:
+            self.health.load_state_dict(state_dict["health"])

@@ -1,16 +1,20 @@
 """Streams webdataset shards into tokenized samples, split by DDP rank and DataLoader worker.
 
-A shard sample is one JSON conversation (``.json``) plus its images (``.png``, ``.jpg``, ``.jpeg``,
-``.webp``; several are taken in key order). A sample that cannot be decoded is skipped, named in the
-log, and training goes on.
+A shard sample is one JSON conversation (``.json``) plus its media: images (``.png``, ``.jpg``,
+``.jpeg``, ``.webp``) and videos (``.mp4`` and what else PyAV reads), numbered when there are several
+(``0.jpg``, ``1.jpg``, ...; taken in number order). ``docs/data.md`` describes the format. A sample that
+cannot be used becomes a counted :class:`~nvila_core.data.skips.Skipped` record, named in the log, and
+training goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from nvila_core.data.packing import Batching
+from nvila_core.data.skips import ShardErrors, Skipped
+from nvila_core.data.video import VideoDecodeError, VideoSampling, decode_video
 from nvila_core.errors import NvilaError
-from nvila_core.processor import Encoded, NvilaProcessor
+from nvila_core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+VIDEO_TOKEN = "<video>"
+"""Where a video goes in a conversation (the model side expands it; see docs/data.md)."""
 
 
 def find_shards(location: str | Path) -> list[str]:
@@ -46,48 +56,135 @@ def _log_and_skip(exc: Exception) -> bool:
     return True
 
 
+def media_keys(sample: dict[str, Any], extensions: tuple[str, ...]) -> list[str]:
+    """The sample's entries with one of ``extensions`` (``jpg``, ``0.jpg``, ``1.jpg``...), in number order."""
+    found = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in extensions]
+
+    def order(key: str) -> tuple[int, str]:
+        number = re.match(r"^(\d+)\.", key)
+        return (int(number.group(1)) if number else -1, key)
+
+    return sorted(found, key=order)
+
+
+def _placeholders(conversations: list[dict], token: str) -> int:
+    return sum(str(turn.get("value", turn.get("content", ""))).count(token) for turn in conversations)
+
+
 class SampleDecoder:
-    """Raw webdataset sample -> the conversation and images it holds -> ``Encoded``; picklable."""
+    """Raw webdataset sample -> its conversation, images and video frames -> ``Encoded``, or ``Skipped``.
 
-    def __init__(self, processor: NvilaProcessor) -> None:
-        self.processor = processor
+    Picklable; runs in the DataLoader workers, so image and video decoding and the encoder's preprocessing
+    happen there. Videos are handed to the processor as ``videos=[frames, ...]`` when its ``encode`` takes
+    that argument; otherwise samples with videos are skipped as ``video_unsupported``.
+    """
 
-    def __call__(self, sample: dict[str, Any]) -> Encoded:
+    def __init__(self, processor: NvilaProcessor, video: VideoSampling | None = None) -> None:
+        self.processor, self.video = processor, video or VideoSampling()
+        self.accepts_videos = "videos" in inspect.signature(processor.encode).parameters
+
+    def __call__(self, sample: dict[str, Any]) -> Encoded | Skipped:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+        def skip(reason: str, detail: str) -> Skipped:
+            return Skipped(reason, where, detail).log()
+
+        if "json" not in sample:
+            files = ", ".join(k for k in sample if not k.startswith("__"))
+            return skip("missing_json", f"files: {files or 'none'}")
         try:
             record = json.loads(sample["json"])
-            images = [Image.open(io.BytesIO(sample[k])) for k in sorted(sample)
-                      if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+            conversations = record["conversations"]
+            self.processor.messages(conversations)  # checks every turn
+        except Exception as exc:
+            return skip("malformed_json", f"{type(exc).__name__}: {exc}")
+        image_keys = media_keys(sample, IMAGE_EXTENSIONS)
+        video_keys = media_keys(sample, VIDEO_EXTENSIONS)
+        for kind, token, keys in (("image", IMAGE_TOKEN, image_keys), ("video", VIDEO_TOKEN, video_keys)):
+            wanted = _placeholders(conversations, token)
+            if wanted > len(keys):
+                return skip("placeholder_without_media", f"{wanted} {token} placeholder(s), {len(keys)} {kind}(s)")
+            if wanted < len(keys):
+                return skip("media_without_placeholder", f"{len(keys)} {kind}(s) ({', '.join(keys)}), "
+                            f"{wanted} {token} placeholder(s)")
+        try:
+            images = [Image.open(io.BytesIO(sample[k])) for k in image_keys]
             for image in images:
                 image.load()
-            return dataclasses.replace(self.processor.encode(record["conversations"], images), key=where)
         except Exception as exc:
-            raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            return skip("bad_image", f"{type(exc).__name__}: {exc}")
+        try:
+            videos = [decode_video(sample[k], self.video) for k in video_keys]
+        except VideoDecodeError as exc:
+            return skip("bad_video", str(exc))
+        if videos and not self.accepts_videos:  # after decoding, so that a corrupt clip is named as such
+            return skip("video_unsupported", "video not supported by this model's processor")
+        try:
+            extra = {"videos": videos} if video_keys else {}
+            encoded = self.processor.encode(conversations, images, **extra)
+        except SampleTooLong as exc:
+            return skip("too_long", str(exc))
+        except Exception as exc:
+            return skip("encode_error", f"{type(exc).__name__}: {exc}")
+        return dataclasses.replace(encoded, key=where)
+
+
+def _pipeline(shards: list[str] | list[Path], decoder: SampleDecoder, shuffle: int, seed: int,
+              errors: ShardErrors) -> wds.WebDataset:
+    dataset = wds.WebDataset(
+        [str(s) for s in shards], handler=errors, shardshuffle=len(shards) if shuffle else False,
+        seed=seed, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+        empty_check=False).compose(errors.check_ends)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle, seed=seed)
+    return dataset.map(decoder)
+
+
+def decoded_stream(shards: list[str] | list[Path], decoder: SampleDecoder, shuffle: int = 0,
+                   seed: int = 0) -> Iterator[Encoded | Skipped]:
+    """Every sample of ``shards`` (this rank's and worker's share) as ``Encoded`` or ``Skipped``, in order.
+
+    ``shuffle`` > 0 shuffles shards and samples; the order is a pure function of ``seed`` (and of the rank
+    and worker split), so a run can be replayed. Unreadable shards become ``unreadable_shard`` records.
+    """
+    errors = ShardErrors()
+    for item in _pipeline(shards, decoder, shuffle, seed, errors):
+        yield from errors.drain()
+        yield item
+    yield from errors.drain()
+
+
+def _usable(item: Encoded | Skipped) -> bool:
+    return isinstance(item, Encoded)
 
 
 def sample_stream(shards: list[str] | list[Path], processor: NvilaProcessor, shuffle: int = 0,
-                  seed: int = 0) -> wds.WebDataset:
-    """An iterable of ``Encoded`` samples over ``shards``; ``shuffle`` > 0 shuffles shards and samples.
-
-    The order is a pure function of ``seed`` (and of the rank and worker split), so a run can be replayed.
-    """
-    dataset = wds.WebDataset(
-        [str(s) for s in shards], handler=_log_and_skip, shardshuffle=len(shards) if shuffle else False,
-        seed=seed, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
-    if shuffle:
-        dataset = dataset.shuffle(shuffle, seed=seed)
-    return dataset.map(SampleDecoder(processor), handler=_log_and_skip)
+                  seed: int = 0, video: VideoSampling | None = None) -> wds.WebDataset:
+    """An iterable dataset of the usable samples of ``shards`` as ``Encoded`` (skips are logged, left out)."""
+    return _pipeline(shards, SampleDecoder(processor, video), shuffle, seed, ShardErrors()).select(_usable)
 
 
 class EpochStream(IterableDataset):
-    """A shard stream rebuilt each epoch with the seed ``seed + epoch``: a new order every epoch, replayable."""
+    """A shard stream rebuilt each epoch with the seed ``seed + epoch``: a new order every epoch, replayable.
 
-    def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0) -> None:
+    With ``batching`` it yields batches formed in each DataLoader worker (load it with ``batch_size=None``),
+    each carrying the skip records met while forming it (``batch["skipped"]``): that is how counts from the
+    worker processes reach the main process. Without, it yields the usable ``Encoded`` samples.
+    """
+
+    def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0,
+                 batching: Batching | None = None, video: VideoSampling | None = None) -> None:
         self.shards, self.processor, self.shuffle, self.seed = shards, processor, shuffle, seed
+        self.batching, self.video = batching, video
         self.epoch = 0
 
-    def __iter__(self) -> Iterator[Encoded]:
-        yield from sample_stream(self.shards, self.processor, self.shuffle, self.seed + self.epoch)
+    def __iter__(self) -> Iterator[Encoded] | Iterator[dict[str, Any]]:
+        items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video), self.shuffle,
+                               self.seed + self.epoch)
+        if self.batching is not None:
+            yield from self.batching(items)
+        else:
+            yield from (item for item in items if isinstance(item, Encoded))
 
 
 class ResumableLoader(DataLoader):
@@ -131,6 +228,5 @@ def read_records(shards: list[str] | list[Path]) -> Iterator[tuple[dict, list[Im
     urls = [str(s) for s in shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=_log_and_skip):
         record = json.loads(sample["json"])
-        images = [Image.open(io.BytesIO(sample[k])).convert("RGB") for k in sorted(sample)
-                  if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+        images = [Image.open(io.BytesIO(sample[k])).convert("RGB") for k in media_keys(sample, IMAGE_EXTENSIONS)]
         yield record, images

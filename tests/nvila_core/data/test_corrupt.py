@@ -1,0 +1,158 @@
+"""Corrupt samples are skipped, counted by reason and named; training goes on, up to a threshold."""
+
+import csv
+import inspect
+import io
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from nvila_core.data.shards import SampleDecoder, decoded_stream, media_keys
+from nvila_core.data.skips import DataHealth, Skipped
+from nvila_core.data.synthetic import write_split
+from nvila_core.data.video import VideoSampling, encode_video
+from nvila_core.errors import NvilaError
+from nvila_core.model import NvilaModel
+from nvila_core.processor import Encoded, NvilaProcessor
+
+
+def png(size=(8, 8)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def conv(question: str, answer: str = "red") -> bytes:
+    return json.dumps({"conversations": [{"from": "human", "value": question},
+                                         {"from": "gpt", "value": answer}]}).encode()
+
+
+def mp4(frames=6) -> bytes:
+    return encode_video([Image.new("RGB", (16, 16), (10 * i, 0, 0)) for i in range(frames)], fps=5)
+
+
+CORRUPT = {  # key -> (files, the reason it must be skipped for)
+    "badjpeg": ({"jpg": b"\xff\xd8\xff\xe0 this is no jpeg", "json": conv("<image>\nColour?")}, "bad_image"),
+    "badmp4": ({"mp4": mp4()[:200], "json": conv("<video>\nWhat happens?")}, "bad_video"),
+    "badjson": ({"png": png(), "json": b'{"conversations": [ oops'}, "malformed_json"),
+    "badturns": ({"json": b'{"conversations": [{"speaker": "x"}]}'}, "malformed_json"),
+    "nomedia": ({"json": conv("<image>\nColour?")}, "placeholder_without_media"),
+    "noplaceholder": ({"png": png(), "json": conv("Colour?")}, "media_without_placeholder"),
+    "nojson": ({"png": png()}, "missing_json"),
+    "toolong": ({"json": conv("word " * 400)}, "too_long"),
+}
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def processor(registry, tiny_spec) -> NvilaProcessor:
+    return NvilaModel(tiny_spec, registry, max_length=256).processor
+
+
+@pytest.mark.parametrize("key", CORRUPT)
+def test_each_kind_of_corrupt_sample_is_skipped_for_its_reason(processor, key, caplog):
+    files, reason = CORRUPT[key]
+    out = SampleDecoder(processor)({"__url__": "shard-7.tar", "__key__": key, **files})
+    assert isinstance(out, Skipped) and out.reason == reason, out
+    assert f"shard-7.tar:{key}" in caplog.text and reason in caplog.text
+
+
+def test_good_samples_text_only_and_several_numbered_images_decode(processor):
+    decoder = SampleDecoder(processor)
+    text = decoder({"__url__": "s.tar", "__key__": "t", "json": conv("Hello?", "hi")})
+    assert isinstance(text, Encoded) and text.pixels is None
+    files = {"10.png": png((10, 10)), "2.png": png((2, 2)), "json": conv("<image> and <image> and <image>?")}
+    files["0.png"] = png((7, 7))
+    assert media_keys(files, ("png",)) == ["0.png", "2.png", "10.png"], "number order, not string order"
+    several = decoder({"__url__": "s.tar", "__key__": "m", **files})
+    assert isinstance(several, Encoded) and len(several.grids) == 3
+
+
+def test_a_video_sample_goes_to_the_processor_only_if_it_takes_videos(processor):
+    decoder = SampleDecoder(processor, VideoSampling(num_frames=4))
+    out = decoder({"__url__": "s.tar", "__key__": "v", "mp4": mp4(), "json": conv("<video>\nWhat happens?")})
+    if "videos" in inspect.signature(NvilaProcessor.encode).parameters:
+        assert isinstance(out, Encoded)
+    else:
+        assert isinstance(out, Skipped) and out.reason == "video_unsupported"
+        assert "video not supported by this model's processor" in out.detail
+
+
+def test_a_truncated_tar_is_counted_once_and_its_readable_samples_kept(processor, tmp_path):
+    good = {f"g{i}": {"png": png(), "json": conv("<image>\nColour?")} for i in range(6)}
+    write_tar(tmp_path / "a.tar", good)
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: len(data) // 2 + 100])  # inside a member, not between two
+    write_tar(tmp_path / "b.tar", good)
+    items = list(decoded_stream([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], SampleDecoder(processor)))
+    reasons = [i.reason for i in items if isinstance(i, Skipped)]
+    assert reasons.count("unreadable_shard") == 1
+    shard_skip = next(i for i in items if isinstance(i, Skipped) and i.reason == "unreadable_shard")
+    assert shard_skip.where.endswith("a.tar")
+    used = [i for i in items if isinstance(i, Encoded)]
+    assert 6 < len(used) < 12 and sum(1 for u in used if u.key.startswith(str(tmp_path / "b.tar"))) == 6
+
+
+def test_the_threshold_applies_after_min_samples_and_names_the_counts():
+    health = DataHealth(max_fraction=0.05, min_samples=100)
+    health.update(10, [Skipped("bad_image", "s:1"), Skipped("bad_image", "s:2")])
+    health.check()  # 2 of 12: too early to judge
+    with pytest.raises(NvilaError, match=r"2 of 12 samples \(16.7%\).*bad_image: 2"):
+        health.check(final=True)
+    health.update(200, [])
+    health.check()
+    assert health.metrics()["data/skipped/bad_image"] == 2 and health.metrics()["data/skipped"] == 2
+
+
+def corrupt_set(root, corrupt_keys, good=240):
+    """Good synthetic shards plus one shard of corrupt samples and a truncated shard."""
+    write_split(root, good, seed=4, image_size=32, shard_size=80)
+    write_tar(root / "corrupt.tar", {k: CORRUPT[k][0] for k in corrupt_keys})
+    write_tar(root / "truncated.tar", {f"t{i}": {"png": png(), "json": conv("<image>\nColour?")} for i in range(4)})
+    data = (root / "truncated.tar").read_bytes()
+    (root / "truncated.tar").write_bytes(data[: len(data) // 2 + 100])
+    return root
+
+
+def fit(root, tmp_path, tiny_spec, *extra):
+    from workflows.cli import run_cli
+
+    enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
+    return run_cli([
+        "fit", "--config", "demo", f"--data.train={root}", "--data.val=null", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=16", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+        "--data.batch_size=16", "--data.num_workers=1", "--data.shuffle_buffer=0", "--model.warmup_steps=2",
+        "--model.max_length=256", *[f"--model.encoder.{k}={v}" for k, v in enc.items() if k != "name"],
+        *[f"--model.llm.{k}={v}" for k, v in llm.items() if k != "name"], *extra])
+
+
+def test_training_goes_on_past_corrupt_samples_and_logs_their_counts(tmp_path, tiny_spec):
+    # counted in a DataLoader worker process, reported to the main process inside the batches
+    root = corrupt_set(tmp_path / "data", ["badjpeg", "badmp4", "badjson", "nomedia", "noplaceholder"])
+    cli = fit(root, tmp_path / "run", tiny_spec)  # 240 good samples, 5 corrupt ones, a truncated shard
+    assert cli.trainer.global_step == 16  # the whole epoch: the truncated shard comes last
+    health = cli.datamodule.health
+    for reason in ("bad_image", "bad_video", "malformed_json", "placeholder_without_media",
+                   "media_without_placeholder", "unreadable_shard"):
+        assert health.skipped[reason] == 1, (reason, health.skipped)
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("data/skipped")]
+    assert float(rows[-1]["data/skipped"]) == health.total_skipped
+    assert float(rows[-1]["data/skipped/bad_video"]) == health.skipped["bad_video"]
+
+
+def test_too_many_corrupt_samples_stop_the_run_with_a_clear_message(tmp_path, tiny_spec):
+    root = corrupt_set(tmp_path / "data", list(CORRUPT), good=64)
+    with pytest.raises(NvilaError, match=r"Stopping: \d+ of \d+ samples .* data.max_skip_fraction=5%"):
+        fit(root, tmp_path / "run", tiny_spec)
