@@ -155,15 +155,22 @@ def check_pass_through(extra: Sequence[str], axes: Sequence[Axis]) -> None:
                          "put these keys in the grid instead (--grid KEY=VALUE).")
 
 
+def run_name(index: int, combo: dict[str, Any]) -> str:
+    """A folder name that says what the run varies: ``001-name=stc_batch_size=8``."""
+    label = "_".join(f"{k.rsplit('.', 1)[-1]}={_value(v)}" for k, v in combo.items())
+    return f"{index:03d}-" + re.sub(r"[^A-Za-z0-9=.,_-]+", "-", label)[:80]
+
+
 @dataclass
 class Run:
-    """One combination: its name, overrides, command line and results."""
+    """One combination: its overrides, command line, log root and results."""
 
     index: int
     combo: dict[str, Any]
     args: list[str]
     """``nvila fit`` arguments (without the leading ``nvila``)."""
     root: Path
+    """Its ``trainer.default_root_dir``: Lightning's ``version_N`` log directory goes under it."""
     status: str = "pending"
     error: str = ""
     results: dict[str, float] = field(default_factory=dict)
@@ -171,8 +178,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        label = "_".join(f"{k.rsplit('.', 1)[-1]}={_value(v)}" for k, v in self.combo.items())
-        return f"{self.index:03d}-" + re.sub(r"[^A-Za-z0-9=.,_-]+", "-", label)[:80]
+        return self.root.name
 
     @property
     def command(self) -> str:
@@ -188,11 +194,10 @@ def plan_runs(config: str, axes: Sequence[Axis], out: Path, extra: Sequence[str]
     check_pass_through(extra, axes)
     runs = []
     for i, combo in enumerate(combinations(axes)):
-        run = Run(i, combo, [], out / "runs")
-        run.root = out / "runs" / run.name
-        run.args = ["fit", "--config", config_path, *run_overrides(base, combo), *extra,
-                    f"--trainer.default_root_dir={run.root}"]
-        runs.append(run)
+        root = out / "runs" / run_name(i, combo)
+        args = ["fit", "--config", config_path, *run_overrides(base, combo), *extra,
+                f"--trainer.default_root_dir={root}"]
+        runs.append(Run(i, combo, args, root))
     return runs
 
 

@@ -89,7 +89,7 @@ def test_bad_grids_are_refused_before_anything_runs_naming_the_key(grid, message
 
 def test_a_failed_run_is_recorded_with_its_error(tmp_path):
     run = Run(0, {"model.compressor.name": "stc"}, ["fit", "--config", str(tmp_path / "missing.yaml")],
-              tmp_path / "run")
+              tmp_path / "000-name=stc")
     execute(run)
     assert run.status == "failed" and "nvila: error: Recipe" in run.error and "missing.yaml" in run.error
 
