@@ -31,7 +31,7 @@ class TrainingThroughput(L.Callback):
     ``<log dir>/throughput.json`` when training ends (so short runs that log no step still report it).
 
     The clock runs from the end of one training batch to the end of the next, so data loading counts and
-    the first batch (warm-up) does not; it stops during validation.
+    the first batch (warm-up) does not; it stops during validation. Under DDP it is rank 0's own rate.
     """
 
     FILE = "throughput.json"
@@ -51,8 +51,8 @@ class TrainingThroughput(L.Callback):
         self._last = None  # the next training batch restarts the clock
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.FILE  # log_dir broadcasts: every rank asks
         if trainer.is_global_zero and self.seconds > 0:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / self.FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"samples_per_s": self.samples / self.seconds, "samples": self.samples,
                                         "seconds": self.seconds}))
