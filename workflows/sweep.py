@@ -227,6 +227,7 @@ def _check_run(args: list[str]) -> None:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), _quiet_logs():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            warnings.filterwarnings("ignore", message="No seed found")
             config = ParseOnly(args=refuse_import_paths(args), run=False).config
     except SystemExit:
         errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
