@@ -93,7 +93,9 @@ class PerceiverResampler(Compressor):
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         features = blocks.flatten(1, 2)  # (M, h*w, C)
-        latents = self.latents.expand(features.shape[0], -1, -1)  # (M, K, C)
+        # a copy per block, not an expand() view: a view of a parameter made under no_grad still claims
+        # requires_grad without a grad_fn, which breaks tools that hook module inputs (torch's MemTracker)
+        latents = self.latents.repeat(features.shape[0], 1, 1)  # (M, K, C)
         for layer in self.layers:
             latents = layer(features, latents)  # (M, K, C)
         return self.norm(latents)  # (M, K, C)

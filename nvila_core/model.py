@@ -105,16 +105,16 @@ class NvilaModel(nn.Module):
         blocks = self.encoder(frames, [(r, c) for f, r, c in video_grids for _ in range(f)])  # (sum F*r*c, h, w, C)
         where = self.temporal.where
         if where == "after-encoder":
-            blocks = self._pool_frames(blocks, video_grids)  # (sum F'*r*c, h, w, C)
+            blocks = self.pool_frames(blocks, video_grids)  # (sum F'*r*c, h, w, C)
         tokens = self._compress(blocks)  # (M, n, C')
         if where == "after-compressor":
-            tokens = self._pool_frames(tokens, video_grids)  # (sum F'*r*c, n, C')
+            tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, C')
         tokens = self.projector(tokens)  # (M, n, D)
         if where == "after-projector":
-            tokens = self._pool_frames(tokens, video_grids)  # (sum F'*r*c, n, D)
+            tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, D)
         return tokens.flatten(0, 1)  # (sum F'*r*c*n, D)
 
-    def _pool_frames(self, x: torch.Tensor, video_grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def pool_frames(self, x: torch.Tensor, video_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """(sum F*r*c, ...) per-frame blocks of several videos -> (sum F'*r*c, ...), each video pooled alone."""
         pooled = []
         for video, (f, r, c) in zip(x.split([f * r * c for f, r, c in video_grids]), video_grids):
