@@ -1,8 +1,19 @@
-"""Registers the built-in compressors and projectors."""
+"""Registers the built-in compressors (spatial and temporal) and projectors."""
 
+from compressors.avg_pool import AveragePool, AvgPoolConfig
 from compressors.identity import IdentityCompressor, IdentityConfig
-from compressors.projector import LinearProjectorConfig, MLPProjectorConfig, linear_projector, mlp_projector
+from compressors.perceiver import PerceiverConfig, PerceiverResampler
+from compressors.projector import (
+    LinearProjectorConfig,
+    MLP3x3ProjectorConfig,
+    MLPProjectorConfig,
+    linear_projector,
+    mlp_3x3_projector,
+    mlp_projector,
+)
 from compressors.stc import SpatialToChannel, STCConfig
+from compressors.temporal import TemporalAverage, TemporalAverageConfig
+from compressors.tokenlearner import TokenLearner, TokenLearnerConfig
 from nvila_core import hookimpl
 from nvila_core.registry import Registrar
 
@@ -11,5 +22,10 @@ from nvila_core.registry import Registrar
 def nvila_register(registry: Registrar) -> None:
     registry.add("compressor", "stc", SpatialToChannel, STCConfig)
     registry.add("compressor", "identity", IdentityCompressor, IdentityConfig)
+    registry.add("compressor", "avg-pool", AveragePool, AvgPoolConfig)
+    registry.add("compressor", "tokenlearner", TokenLearner, TokenLearnerConfig)
+    registry.add("compressor", "perceiver", PerceiverResampler, PerceiverConfig)
+    registry.add("temporal", "temporal-average", TemporalAverage, TemporalAverageConfig)
     registry.add("projector", "mlp", mlp_projector, MLPProjectorConfig)
+    registry.add("projector", "mlp-3x3", mlp_3x3_projector, MLP3x3ProjectorConfig)
     registry.add("projector", "linear", linear_projector, LinearProjectorConfig)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from nvila_core.errors import NvilaError
 
 
 @dataclass
@@ -32,3 +36,47 @@ class LinearProjectorConfig:
 def linear_projector(config: LinearProjectorConfig, in_dim: int, out_dim: int) -> nn.Linear:
     """Single linear projector."""
     return nn.Linear(in_dim, out_dim, bias=config.bias)
+
+
+@dataclass
+class MLP3x3ProjectorConfig:
+    """NVILA's 3x3 projector (``mlp_downsample_3x3_fix``), for STC with ratio 3:
+    LayerNorm(9C) -> Linear(9C, 3C) -> GELU -> LayerNorm(3C) -> Linear(3C, D) -> GELU -> Linear(D, D)."""
+
+    reduction: int = 3
+    """The first Linear narrows the incoming width by this factor (NVILA: 3, from 9C to 3C); 1..in_dim."""
+
+    def __post_init__(self) -> None:
+        if self.reduction < 1:
+            raise ValueError(f"key 'reduction' = {self.reduction} is out of range; valid range 1..(incoming width)")
+
+
+def mlp_3x3_projector(config: MLP3x3ProjectorConfig, in_dim: int, out_dim: int) -> nn.Sequential:
+    """Three-layer MLP projector with NVILA's module order, as in its STC 3x3 projector."""
+    if in_dim % config.reduction:
+        raise NvilaError(f"projector 'mlp-3x3': key 'reduction' = {config.reduction} does not divide the incoming "
+                         f"width {in_dim}; choose a divisor of it (NVILA: 3, for STC 3x3 tokens of width 9C)")
+    mid = in_dim // config.reduction
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, mid), nn.GELU(), nn.LayerNorm(mid),
+                         nn.Linear(mid, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def vila_projector_state_dict(state: Mapping[str, torch.Tensor],
+                              prefix: str = "mm_projector.layers.") -> dict[str, torch.Tensor]:
+    """A released NVILA projector's weights, renamed for our ``mlp`` / ``mlp-3x3`` projector.
+
+    NVILA's projector is one ``nn.Sequential`` whose layer 0 is its parameter-free downsample block (our STC
+    compressor) followed by the same layers in the same order as ours; so its layer ``i`` is our layer
+    ``i - 1`` (``mm_projector.layers.2.weight`` -> ``1.weight``). Keys outside ``prefix`` are ignored.
+    Load the result with ``model.projector.load_state_dict(..., strict=True)``.
+    """
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        index, _, rest = key[len(prefix):].partition(".")
+        if not index.isdigit() or int(index) == 0:
+            raise NvilaError(f"'{key}' is not a layer of an NVILA mlp_downsample projector (layer 0, the "
+                             "downsample block, has no weights)")
+        out[f"{int(index) - 1}.{rest}"] = value
+    return out

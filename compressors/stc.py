@@ -1,8 +1,9 @@
 """Spatial-to-channel (STC): each k x k block of neighbouring tokens becomes one token with k^2 x C channels.
 
-NVILA's choice is k = 2 (4x fewer tokens). The channel layout matches NVILA's released projectors:
-within a block, tokens are laid out row by row, ``[(0,0), (0,1), (1,0), (1,1)]`` for k = 2, each
-contributing its C channels in turn. A grid whose sides are not multiples of k is zero-padded at the
+NVILA's choice is k = 2 (4x fewer tokens); k = 3 is its ``mlp_downsample_3x3_fix`` variant (use it with the
+``mlp-3x3`` projector). The channel layout matches NVILA's released projectors for both: within a block,
+tokens are laid out row by row, ``[(0,0), (0,1), (1,0), (1,1)]`` for k = 2, each contributing its C
+channels in turn. A grid whose sides are not multiples of k is zero-padded at the
 bottom and right edges; nothing is cropped.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compressors.grid import check_ratio, merged_grid
 from nvila_core.interfaces import Compressor
 
 
@@ -21,11 +23,11 @@ class STCConfig:
     """Spatial-to-channel settings."""
 
     ratio: int = 2
-    """Side k of the square block merged into one token (NVILA: 2)."""
+    """Side k of the square block merged into one token (NVILA: 2, or 3 with the ``mlp-3x3`` projector);
+    1..(smaller side of the feature grid)."""
 
     def __post_init__(self) -> None:
-        if self.ratio < 1:
-            raise ValueError(f"ratio must be a positive integer, got {self.ratio}")
+        check_ratio(self.ratio)
 
 
 class SpatialToChannel(Compressor):
@@ -36,8 +38,8 @@ class SpatialToChannel(Compressor):
         self.k = config.ratio
 
     def output_shape(self, block_size: tuple[int, int], channels: int) -> tuple[int, int]:
-        h, w = block_size
-        return -(-h // self.k) * -(-w // self.k), channels * self.k**2
+        rows, cols = merged_grid(self.k, block_size)
+        return rows * cols, channels * self.k**2
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         k = self.k

@@ -1,4 +1,5 @@
-"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data, prune, eval, generate, plan, bench.
+"""The ``nvila`` command: demo, plugins, fit/validate (Lightning CLI), data, prune, eval, generate, plan,
+bench, sweep.
 
 User errors (bad specs, missing shards, broken plugins) print one paragraph and exit with status 2;
 ``--debug`` shows the traceback instead.
@@ -84,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
+
+    sweep = sub.add_parser(
+        "sweep", help="train every combination of a grid of spec values; one table of results",
+        description="Train every combination of --grid values (each a plain `nvila fit` command line, run one "
+                    "after the other) and write results.csv, results.md and accuracy_vs_tokens.png. Any other "
+                    "--key=value is passed to every `nvila fit` (e.g. --trainer.max_steps=200). A grid over "
+                    "SLOT.name (model.compressor.name) starts each swapped plugin from its own defaults.")
+    sweep.add_argument("--config", "-c", required=True, help="base recipe (a file, or a shipped name like demo)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values of one key; repeat for more keys; KEY=[yaml, list] for values with commas")
+    sweep.add_argument("--out", default=None, help="results folder (default: sweeps/<date-time>)")
+    sweep.add_argument("--dry-run", action="store_true", help="check every run, print its command, run nothing")
+    sweep.add_argument("--collect", action="store_true",
+                       help="run nothing; measure runs that a scheduler already ran into --out")
+    sweep.add_argument("--eval-limit", type=int, default=200, help="held-out questions per run")
     return parser
 
 
@@ -170,7 +186,10 @@ def run(argv: list[str]) -> None:
         args, overrides = _parser().parse_known_args(argv)
         _plan(args, overrides)
         return
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sweep":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         from workflows.demo import run_demo
 
@@ -211,6 +230,15 @@ def run(argv: list[str]) -> None:
         print(markdown(args.suite, run_suite(args.suite)))
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "sweep":
+        from workflows.sweep import run_sweep
+
+        if args.collect and not args.out:
+            raise NvilaError("--collect reads the runs of an earlier sweep: give its --out folder.")
+        runs = run_sweep(args.config, args.grid, args.out, dry_run=args.dry_run, collect_only=args.collect,
+                         extra=extra, eval_limit=args.eval_limit)
+        if not args.dry_run and all(r.status == "failed" for r in runs):
+            raise NvilaError("every run of the sweep failed; see the error column of results.md")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,10 +86,39 @@ class Compressor(nn.Module, ABC):
 
     @abstractmethod
     def output_shape(self, block_size: tuple[int, int], channels: int) -> tuple[int, int]:
-        """(n tokens per block, C' channels per token) for blocks of ``block_size`` with ``channels``."""
+        """(n tokens per block, C' channels per token) for blocks of ``block_size`` with ``channels``.
+
+        Exact for every grid (odd sizes too): the processor expands placeholders by it before the model
+        runs. Raises ValueError naming the setting and its valid range when the grid is too small for it.
+        """
 
     @abstractmethod
     def forward(self, blocks: torch.Tensor) -> torch.Tensor: ...
+
+
+TEMPORAL_STAGES = ("after-encoder", "after-compressor", "after-projector")
+"""Where a temporal compressor can act on a video's frames: on the encoder's feature blocks, on the
+spatially compressed tokens, or on the projected tokens in language-model width (NVILA)."""
+
+
+class TemporalCompressor(nn.Module, ABC):
+    """A video's frames ``(F, *rest)`` -> fewer frames ``(output_frames(F), *rest)``.
+
+    ``rest`` is whatever the stage named by ``where`` holds per frame (blocks, tokens or embeddings);
+    the same position in every frame lines up, so a temporal compressor never mixes positions.
+    """
+
+    where: str = "after-projector"
+    """One of TEMPORAL_STAGES."""
+    frame_end: str | None = None
+    """Text whose token embeddings end each output frame (NVILA: a newline), or None."""
+
+    @abstractmethod
+    def output_frames(self, frames: int) -> int:
+        """Frames out for ``frames`` in; raises ValueError naming the setting when ``frames`` is invalid."""
+
+    @abstractmethod
+    def forward(self, frames: torch.Tensor) -> torch.Tensor: ...
 
 
 class LanguageModel(nn.Module, ABC):

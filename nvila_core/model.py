@@ -1,7 +1,9 @@
 """The NVILA model: encoder -> compressor -> projector -> language model, assembled from specs.
 
 Visual tokens replace the image placeholder ids in the language model's input embeddings; the loss
-is taken on assistant tokens only (labels are -100 elsewhere).
+is taken on assistant tokens only (labels are -100 elsewhere). Video frames take the same path, batched,
+with the temporal compressor pooling them at the stage its ``where`` names; their tokens replace the
+video placeholder ids.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import torch
 from torch import nn
 
 from nvila_core.errors import NvilaError
+from nvila_core.interfaces import TemporalCompressor
 from nvila_core.losses import LOSSES, chunked_loss, fused_loss, standard_loss
-from nvila_core.processor import IMAGE_TOKEN, NvilaProcessor
+from nvila_core.processor import IMAGE_TOKEN, VIDEO_TOKEN, NvilaProcessor
 from nvila_core.registry import Registry
 from nvila_core.specs import as_dict, build, validate_all
 
-MODEL_PARTS = ("encoder", "compressor", "projector", "llm")
+MODEL_PARTS = ("encoder", "compressor", "temporal", "projector", "llm")
 
 
 @dataclass
@@ -27,6 +30,8 @@ class ModelSpec:
 
     encoder: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
     compressor: dict[str, Any] = field(default_factory=lambda: {"name": "stc"})
+    temporal: dict[str, Any] = field(default_factory=lambda: {"name": "temporal-average"})
+    """Video only (images never pass through it); the default is released NVILA's pooling."""
     projector: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
     llm: dict[str, Any] = field(default_factory=lambda: {"name": "qwen2"})
 
@@ -51,57 +56,104 @@ class NvilaModel(nn.Module):
         validate_all({part: (part, getattr(self.spec, part)) for part in MODEL_PARTS}, registry)
         self.encoder = build("encoder", self.spec.encoder, registry)
         self.compressor = build("compressor", self.spec.compressor, registry, in_channels=self.encoder.out_channels)
+        self.temporal = build("temporal", self.spec.temporal, registry)
+        if not isinstance(self.temporal, TemporalCompressor):
+            raise NvilaError(f"model.temporal: '{self.spec.temporal.get('name')}' is not a TemporalCompressor")
         self.llm = build("llm", self.spec.llm, registry)
-        self.tokens_per_block, width = self.compressor.output_shape(self.encoder.block_size,
-                                                                    self.encoder.out_channels)
+        try:
+            self.tokens_per_block, width = self.compressor.output_shape(self.encoder.block_size,
+                                                                        self.encoder.out_channels)
+        except ValueError as exc:  # a setting that the encoder's feature grid cannot take
+            raise NvilaError(f"model.compressor: compressor '{self.spec.compressor.get('name')}': {exc}") from None
         self._token_shape = (self.tokens_per_block, width)
         self._compressor_origin = _origin("compressor", self.spec.compressor, registry)
         self.projector = build("projector", self.spec.projector, registry, in_dim=width,
                                out_dim=self.llm.hidden_size)
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.load_tokenizer()
-        if IMAGE_TOKEN not in self.tokenizer.get_vocab():
-            self.tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                              replace_extra_special_tokens=False)
         self.llm.resize_vocab(len(self.tokenizer))
+        frame_end = self.temporal.frame_end
+        frame_end_ids = self.tokenizer(frame_end, add_special_tokens=False).input_ids if frame_end else []
         self.processor = NvilaProcessor(self.tokenizer, self.encoder.processor(), self.tokens_per_block,
-                                        max_length)
+                                        max_length, frames_out=self.temporal.output_frames,
+                                        frame_end_ids=frame_end_ids)
         self.image_token_id = self.processor.image_token_id
+        self.video_token_id = self.processor.video_token_id
 
     def visual_tokens(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""
         blocks = self.encoder(pixels, grids)  # (M, h, w, C)
+        tokens = self._compress(blocks)  # (M, n, C')
+        return self.projector(tokens).flatten(0, 1)  # (M*n, D)
+
+    def _compress(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The spatial compressor, held to the token count its output_shape announced: (M, n, C')."""
         tokens = self.compressor(blocks)  # (M, n, C')
         if tuple(tokens.shape[1:]) != self._token_shape:  # the placeholders were counted from output_shape
             raise NvilaError(
                 f"{self._compressor_origin} broke its shape contract: blocks {tuple(blocks.shape)} became tokens "
                 f"{tuple(tokens.shape)}, but its output_shape promised (M, {self._token_shape[0]}, "
                 f"{self._token_shape[1]}). Its author can find this with nvila_core.testing.check_distribution.")
-        return self.projector(tokens).flatten(0, 1)  # (M*n, D)
+        return tokens
+
+    def video_tokens(self, frames: torch.Tensor, video_grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Tiles of every frame of a batch of videos -> their visual tokens in LLM width, video after
+        video, kept frame after kept frame: (N, D). All frames run through the encoder in one batch."""
+        blocks = self.encoder(frames, [(r, c) for f, r, c in video_grids for _ in range(f)])  # (sum F*r*c, h, w, C)
+        where = self.temporal.where
+        if where == "after-encoder":
+            blocks = self.pool_frames(blocks, video_grids)  # (sum F'*r*c, h, w, C)
+        tokens = self._compress(blocks)  # (M, n, C')
+        if where == "after-compressor":
+            tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, C')
+        tokens = self.projector(tokens)  # (M, n, D)
+        if where == "after-projector":
+            tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, D)
+        return tokens.flatten(0, 1)  # (sum F'*r*c*n, D)
+
+    def pool_frames(self, x: torch.Tensor, video_grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """(sum F*r*c, ...) per-frame blocks of several videos -> (sum F'*r*c, ...), each video pooled alone."""
+        pooled = []
+        for video, (f, r, c) in zip(x.split([f * r * c for f, r, c in video_grids]), video_grids):
+            frames = video.unflatten(0, (f, r * c))  # (F, r*c, ...)
+            pooled.append(self.temporal(frames).flatten(0, 1))  # (F'*r*c, ...)
+        return torch.cat(pooled)
 
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
-              grids: list[tuple[int, int]]) -> torch.Tensor:
+              grids: list[tuple[int, int]], videos: torch.Tensor | None = None,
+              video_grids: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
         """Token embeddings with visual tokens spliced in at the placeholders: (B, L, D)."""
         embeds = self.llm.embed(input_ids)  # (B, L, D)
-        slots = input_ids == self.image_token_id  # (B, L)
-        n_slots = int(slots.sum())
-        if pixels is None:
-            if n_slots:
-                raise ValueError(f"{n_slots} image placeholder tokens but no pixels")
-            return embeds
-        visual = self.visual_tokens(pixels, grids).to(embeds.dtype)  # (N, D)
-        if visual.shape[0] != n_slots:
-            raise ValueError(f"{visual.shape[0]} visual tokens for {n_slots} placeholder slots")
-        return embeds.masked_scatter(slots.unsqueeze(-1), visual)
+        media = (("image", self.image_token_id, pixels, lambda: self.visual_tokens(pixels, grids)),
+                 ("video", self.video_token_id, videos, lambda: self.video_tokens(videos, video_grids or [])))
+        for kind, token_id, inputs, encode in media:
+            slots = input_ids == token_id  # (B, L)
+            n_slots = int(slots.sum())
+            if inputs is None:
+                if n_slots:
+                    raise ValueError(f"{n_slots} {kind} placeholder tokens but no {kind} pixels")
+                continue
+            visual = encode().to(embeds.dtype)  # (N, D)
+            if visual.shape[0] != n_slots:
+                raise ValueError(f"{visual.shape[0]} {kind} tokens for {n_slots} placeholder slots")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
+        return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixels: torch.Tensor | None = None, grids: list[tuple[int, int]] | None = None,
                 labels: torch.Tensor | None = None, loss: str = "standard",
-                loss_chunk_size: int = 1024, position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                loss_chunk_size: int = 1024, position_ids: torch.Tensor | None = None,
+                videos: torch.Tensor | None = None,
+                video_grids: list[tuple[int, int, int]] | None = None) -> dict[str, torch.Tensor]:
         """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor.
 
         ``attention_mask`` is (B, L) for padded batches, or (B, 1, L, L) additive for packed ones, which also
         pass ``position_ids`` (B, L) restarting at each packed sample (see ``nvila_core.data.packing``).
         """
-        embeds = self.embed(input_ids, pixels, grids or [])
+        embeds = self.embed(input_ids, pixels, grids or [], videos, video_grids)
         if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(embeds.dtype)  # SDPA wants the query's dtype
         if labels is not None and loss != "standard":
@@ -120,9 +172,10 @@ class NvilaModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,
-                 grids: list[tuple[int, int]], max_new_tokens: int = 16, **kwargs: Any) -> torch.Tensor:
+                 grids: list[tuple[int, int]], max_new_tokens: int = 16, videos: torch.Tensor | None = None,
+                 video_grids: list[tuple[int, int, int]] | None = None, **kwargs: Any) -> torch.Tensor:
         """New token ids for left-padded prompts (greedy unless sampling kwargs are given)."""
-        embeds = self.embed(input_ids, pixels, grids)
+        embeds = self.embed(input_ids, pixels, grids, videos, video_grids)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)

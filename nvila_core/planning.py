@@ -106,8 +106,9 @@ class Planner:
         return grid[0] * grid[1] * self.tokens_per_block
 
     def video_tokens(self, frames: int) -> int:
-        """Visual tokens of ``frames`` video frames, one block each, before any temporal compression."""
-        return frames * self.tokens_per_block
+        """Tokens a video of ``frames`` frames adds to the language model's input: the frames the temporal
+        compressor keeps, one block each, each followed by the frame-end tokens (what ``<video>`` expands to)."""
+        return self.model.processor.video_tokens(frames)
 
     # -- full plans ----------------------------------------------------------------------------------
     def image(self, width: int, height: int, text_tokens: int = 0) -> Plan:
@@ -123,32 +124,45 @@ class Planner:
         """The same for ``frames`` video frames, each encoded at the base resolution as one tile."""
         if frames < 1:
             raise NvilaError(f"A video needs at least one frame, got {frames}.")
-        note = ("temporal compression is not applied: the spec has no temporal compressor, so every frame "
-                "keeps its tokens",)
-        return self._plan(f"{frames} frames", frames, [(1, 1)] * frames, (1, 1), (frames, 1), text_tokens, note)
+        temporal = self.model.temporal
+        note = (f"temporal compression ({temporal.where}): {frames} frames -> "
+                f"{temporal.output_frames(frames)}, each followed by {len(self.model.processor.frame_end_ids)} "
+                "frame-end token(s)",)
+        return self._plan(f"{frames} frames", frames, [(1, 1)] * frames, (1, 1), (frames, 1), text_tokens, note,
+                          video_frames=frames)
 
     def _plan(self, media: str, tiles: int, grids: list[Grid], tile_grid: Grid, block_grid: Grid,
-              text_tokens: int, notes: tuple[str, ...]) -> Plan:
+              text_tokens: int, notes: tuple[str, ...], video_frames: int | None = None) -> Plan:
         model, size = self.model, self._tile_size()
+
+        def pool(x: torch.Tensor, stage: str) -> torch.Tensor:  # a video's frames, pooled where the spec says
+            if video_frames is None or model.temporal.where != stage:
+                return x
+            return model.pool_frames(x, [(video_frames, 1, 1)])
+
         pixels = torch.empty(tiles, 3, size, size, device="meta", dtype=DTYPES[self.dtype])  # (T, 3, S, S)
         with torch.no_grad():
             with self._tracking() as peak, FlopCounterMode(display=False) as counter:
-                blocks = model.encoder(pixels, grids)  # (M, h, w, C)
+                blocks = pool(model.encoder(pixels, grids), "after-encoder")  # (M, h, w, C)
             encoder = Stage("encoder", blocks.shape[0] * blocks.shape[1] * blocks.shape[2], blocks.shape[3],
                             counter.get_total_flops(), peak())
             with self._tracking() as peak, FlopCounterMode(display=False) as counter:
-                tokens = model.compressor(blocks)  # (M, n, C')
+                tokens = pool(model.compressor(blocks), "after-compressor")  # (M, n, C')
             compressor = Stage("compressor", tokens.shape[0] * tokens.shape[1], tokens.shape[2],
                                counter.get_total_flops(), peak())
             with self._tracking() as peak, FlopCounterMode(display=False) as counter:
-                visual = model.projector(tokens)  # (M, n, D)
+                visual = pool(model.projector(tokens), "after-projector")  # (M, n, D)
             projector = Stage("projector", visual.shape[0] * visual.shape[1], visual.shape[2],
                               counter.get_total_flops(), peak())
-            visual_tokens = projector.tokens
+            made, ends = projector.tokens, 0
             expected = sum(r * c for r, c in grids) * self.tokens_per_block
-            if visual_tokens != expected:
-                raise NvilaError(f"The model made {visual_tokens} visual tokens where the processor's plan says "
+            if video_frames is not None:  # the processor adds frame-end text tokens after each kept frame
+                ends = model.temporal.output_frames(video_frames) * len(model.processor.frame_end_ids)
+                expected = self.video_tokens(video_frames) - ends
+            if made != expected:
+                raise NvilaError(f"The model made {made} visual tokens where the processor's plan says "
                                  f"{expected}; the encoder or compressor breaks its shape contract.")
+            visual_tokens = made + ends
             length = visual_tokens + text_tokens
             llm, kv = self._prefill(length)
         return Plan(media=media, tiles=tiles, tile_grid=tuple(tile_grid), block_grid=tuple(block_grid),

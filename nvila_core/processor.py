@@ -1,14 +1,16 @@
-"""Turns a conversation with images into model inputs: token ids, labels, pixels and block grids.
+"""Turns a conversation with images and videos into model inputs: token ids, labels, pixels and block grids.
 
 Each media placeholder in the text is expanded to exactly as many placeholder ids as the image will
 have visual tokens (known from the encoder's block grid and the compressor's output shape), so the
-model can splice visual embeddings in place and batches can be padded like text.
+model can splice visual embeddings in place and batches can be padded like text. A ``<video>``
+placeholder becomes, for each frame left after temporal compression, the frame's visual-token slots
+followed by the frame-end text's token ids (NVILA: a newline), which the language model embeds itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from nvila_core.errors import NvilaError
 from nvila_core.interfaces import ImageProcessor
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -40,18 +43,36 @@ class Encoded:
     """Block grid of each image."""
     key: str = ""
     """Where the sample came from (shard:key), for logs and for checking data splits."""
+    videos: torch.Tensor | None = None
+    """(T, 3, S, S) tiles of every frame of every video in order, or None."""
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    """(frames, rows, cols) of each video: its frame count and each frame's block grid."""
+
+
+def every_frame(frames: int) -> int:
+    """No temporal compression: every frame is kept."""
+    return frames
 
 
 class NvilaProcessor:
-    """Tokenizer + image processor + token accounting; picklable, so it runs in DataLoader workers."""
+    """Tokenizer + image processor + token accounting; picklable, so it runs in DataLoader workers.
+
+    ``frames_out`` says how many frames a video of F frames keeps after temporal compression (the
+    temporal compressor's ``output_frames``); ``frame_end_ids`` are the token ids that end each kept frame.
+    """
 
     def __init__(self, tokenizer: Any, image_processor: ImageProcessor,
-                 tokens_per_block: int, max_length: int = 2048) -> None:
+                 tokens_per_block: int, max_length: int = 2048,
+                 frames_out: Callable[[int], int] = every_frame, frame_end_ids: Sequence[int] = ()) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.tokens_per_block, self.max_length = tokens_per_block, max_length
+        self.frames_out, self.frame_end_ids = frames_out, list(frame_end_ids)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise NvilaError(f"The tokenizer has no '{IMAGE_TOKEN}' token; add it as a special token.")
+        video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        # without the token, videos are refused with a message when one comes
+        self.video_token_id = None if video_id is None or video_id == tokenizer.unk_token_id else video_id
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -72,9 +93,18 @@ class NvilaProcessor:
             out.append({"role": role, "content": content})
         return out
 
+    def video_tokens(self, frames: int, grid: tuple[int, int] = (1, 1)) -> int:
+        """Tokens a ``<video>`` placeholder expands to for ``frames`` frames of block grid ``grid`` each."""
+        per_frame = grid[0] * grid[1] * self.tokens_per_block + len(self.frame_end_ids)
+        return self.frames_out(frames) * per_frame
+
     def encode(self, conversations: Sequence[dict], images: Sequence[Image.Image] = (),
-               generation_prompt: bool = False) -> Encoded:
-        """Tokenize a whole conversation; labels cover assistant turns only."""
+               generation_prompt: bool = False, videos: Sequence[Sequence[Image.Image]] = ()) -> Encoded:
+        """Tokenize a whole conversation; labels cover assistant turns only.
+
+        ``images`` fill the ``<image>`` placeholders in order; ``videos`` (each a list of frames) fill
+        the ``<video>`` placeholders in order.
+        """
         messages = self.messages(conversations)
         ids: list[int] = []
         labels: list[int] = []
@@ -102,7 +132,7 @@ class NvilaProcessor:
             prompt = self._render(messages, generation_prompt=True)
             self._check_prefix(rendered, prompt)
             extend(prompt[len(rendered):], supervised=False)
-        return self._with_images(ids, labels, images)
+        return self._with_media(ids, labels, images, videos)
 
     @staticmethod
     def _check_prefix(before: str, after: str) -> None:
@@ -110,26 +140,52 @@ class NvilaProcessor:
             raise NvilaError("The tokenizer's chat template does not render a conversation prefix by prefix; "
                              "nvila needs that to keep labels on assistant turns only.")
 
-    def _with_images(self, ids: list[int], labels: list[int], images: Sequence[Image.Image]) -> Encoded:
+    def _with_media(self, ids: list[int], labels: list[int], images: Sequence[Image.Image],
+                    videos: Sequence[Sequence[Image.Image]]) -> Encoded:
         placeholders = ids.count(self.image_token_id)
         if placeholders != len(images):
             raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
+        video_slots = ids.count(self.video_token_id) if self.video_token_id is not None else 0
+        if videos and self.video_token_id is None:
+            raise NvilaError(f"The tokenizer has no '{VIDEO_TOKEN}' token; add it as a special token.")
+        if video_slots != len(videos):
+            raise ValueError(f"{video_slots} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s)")
         prepared = [self.image_processor(image) for image in images]
+        clips = [self._prepare_video(frames) for frames in videos]
         out_ids: list[int] = []
         out_labels: list[int] = []
-        media = iter(prepared)
+        media, clip_iter = iter(prepared), iter(clips)
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
                 n = next(media).num_blocks * self.tokens_per_block
                 out_ids += [self.image_token_id] * n
                 out_labels += [IGNORE_INDEX] * n
+            elif token == self.video_token_id:
+                _, (f, rows, cols) = next(clip_iter)
+                frame = [self.video_token_id] * (rows * cols * self.tokens_per_block) + self.frame_end_ids
+                out_ids += frame * self.frames_out(f)
+                out_labels += [IGNORE_INDEX] * (len(frame) * self.frames_out(f))
             else:
                 out_ids.append(token)
                 out_labels.append(label)
         if len(out_ids) > self.max_length:
             raise SampleTooLong(f"sample has {len(out_ids)} tokens, more than max_length {self.max_length}")
         pixels = torch.cat([p.pixels for p in prepared]) if prepared else None
-        return Encoded(torch.tensor(out_ids), torch.tensor(out_labels), pixels, [p.grid for p in prepared])
+        video_pixels = torch.cat([pixels for pixels, _ in clips]) if clips else None
+        return Encoded(torch.tensor(out_ids), torch.tensor(out_labels), pixels, [p.grid for p in prepared],
+                       videos=video_pixels, video_grids=[grid for _, grid in clips])
+
+    def _prepare_video(self, frames: Sequence[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A video's frames through the encoder's ``frame()`` preprocessing: tiles and (frames, rows, cols)."""
+        if not frames:
+            raise ValueError("a video with no frames")
+        prepared = [self.image_processor.frame(frame) for frame in frames]
+        grids = {p.grid for p in prepared}
+        if len(grids) > 1:
+            raise ValueError(f"the frames of one video must share a block grid, got {sorted(grids)}")
+        (grid,) = grids
+        self.frames_out(len(frames))  # refuses a frame count the temporal compressor cannot take
+        return torch.cat([p.pixels for p in prepared]), (len(frames), *grid)
 
 
 def collate(samples: Sequence[Encoded], pad_id: int, left_pad: bool = False) -> dict[str, Any]:
@@ -144,12 +200,15 @@ def collate(samples: Sequence[Encoded], pad_id: int, left_pad: bool = False) -> 
         span = slice(length - n, length) if left_pad else slice(0, n)
         input_ids[i, span], labels[i, span], attention_mask[i, span] = s.input_ids, s.labels, 1
     pixel_list = [s.pixels for s in samples if s.pixels is not None]
+    video_list = [s.videos for s in samples if s.videos is not None]
     return {
         "input_ids": input_ids,  # (B, L)
         "labels": labels,  # (B, L)
         "attention_mask": attention_mask,  # (B, L)
         "pixels": torch.cat(pixel_list) if pixel_list else None,  # (T, 3, S, S)
         "grids": [g for s in samples for g in s.grids],
+        "videos": torch.cat(video_list) if video_list else None,  # (T_video, 3, S, S)
+        "video_grids": [g for s in samples for g in s.video_grids],
     }
 
 

@@ -14,6 +14,7 @@ from nvila_core.errors import NvilaError
 KINDS: dict[str, str] = {
     "encoder": "pixels -> feature grids; owns its preprocessing",
     "compressor": "feature grid -> fewer visual tokens",
+    "temporal": "video frames -> fewer frames (temporal compression)",
     "projector": "vision width -> language-model width",
     "llm": "the language backbone",
     "pruner": "scores training samples and keeps a fraction",

@@ -32,7 +32,15 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from nvila_core.interfaces import Compressor, LanguageModel, PrecisionBackend, PreparedImage, VisionEncoder
+from nvila_core.interfaces import (
+    TEMPORAL_STAGES,
+    Compressor,
+    LanguageModel,
+    PrecisionBackend,
+    PreparedImage,
+    TemporalCompressor,
+    VisionEncoder,
+)
 from nvila_core.registry import Component, Registry
 from nvila_core.specs import resolve, to_spec
 
@@ -43,7 +51,9 @@ CHECKS: dict[str, str] = {
     "interface": "the component subclasses its kind's interface in nvila_core.interfaces",
     "forward on tiny CPU inputs": "forward runs on a small CPU input without raising",
     "shape contract": "outputs have the layout the kind's interface states",
-    "token accounting": "sizes announced before the run (output_shape, processor().plan) match the real ones",
+    "token accounting": "sizes announced before the run (output_shape, output_frames, processor().plan) match "
+                        "the real ones",
+    "blocks compressed alone": "a compressor's tokens for one block do not depend on the other blocks in the batch",
     "state-dict round-trip": "weights saved with safetensors load back into the module unchanged",
     "pruner scores": "one finite score per sample, deterministic, independent of the other samples in the batch",
 }
@@ -127,15 +137,21 @@ def _check_encoder(component: Component, config: object) -> nn.Module:
     return encoder
 
 
+COMPRESSOR_GRIDS = ((6, 6), (5, 7), (7, 4), (9, 9), (4, 11))
+"""Feature grids the kit checks compressors on: square, odd and non-square sides."""
+
+
 def _check_compressor(component: Component, config: object) -> nn.Module:
     channels = 8
     with _check(component, "build from defaults"):
         compressor = component.factory(config, in_channels=channels)
     _expect(isinstance(compressor, Compressor), component, "interface", "a compressor must subclass Compressor")
-    for h, w in ((6, 6), (5, 7)):
+    compressor.eval()
+    for h, w in COMPRESSOR_GRIDS:
         blocks = torch.randn(2, h, w, channels)  # (M, h, w, C)
         with _check(component, "forward on tiny CPU inputs"), torch.no_grad():
             tokens = compressor(blocks)
+            first = compressor(blocks[:1])
         _expect(isinstance(tokens, torch.Tensor) and tokens.ndim == 3 and tokens.shape[0] == 2, component,
                 "shape contract", f"on blocks {tuple(blocks.shape)} forward gave {_shape(tokens)}; a compressor "
                 "returns tokens (M, n, C') for M blocks")
@@ -144,7 +160,27 @@ def _check_compressor(component: Component, config: object) -> nn.Module:
         _expect(tuple(tokens.shape) == (2, n, c), component, "token accounting",
                 f"on blocks {tuple(blocks.shape)} forward gave {tuple(tokens.shape)} but output_shape "
                 f"promised {(2, n, c)}")
+        _expect(_shape(first) == (1, n, c) and torch.allclose(first, tokens[:1], atol=1e-5), component,
+                "blocks compressed alone", "a block's tokens depend on the other blocks in the batch")
     return compressor
+
+
+def _check_temporal(component: Component, config: object) -> nn.Module:
+    with _check(component, "build from defaults"):
+        temporal = component.factory(config)
+    _expect(isinstance(temporal, TemporalCompressor), component, "interface",
+            "a temporal compressor must subclass TemporalCompressor")
+    _expect(temporal.where in TEMPORAL_STAGES, component, "interface",
+            f"where = {temporal.where!r}, not one of {', '.join(TEMPORAL_STAGES)}")
+    for frames in (1, 3, 8, 9, 17):
+        video = torch.randn(frames, 2, 3, 4)  # (F, *rest)
+        with _check(component, "forward on tiny CPU inputs"), torch.no_grad():
+            out = temporal(video)
+        with _check(component, "token accounting"):
+            expected = (temporal.output_frames(frames), 2, 3, 4)
+        _expect(_shape(out) == expected, component, "token accounting",
+                f"on {frames} frames forward gave {_shape(out)} but output_frames promised {expected}")
+    return temporal
 
 
 def _check_projector(component: Component, config: object) -> nn.Module:
@@ -194,6 +230,7 @@ def _check_precision(component: Component, config: object) -> None:
 KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {
     "encoder": _check_encoder,
     "compressor": _check_compressor,
+    "temporal": _check_temporal,
     "projector": _check_projector,
     "llm": _check_llm,
     "precision": _check_precision,

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from nvila_core.errors import NvilaError
 from nvila_core.specs import IMPORT_PATH_KEYS
-from workflows.callbacks import DataHealthLogger, ExportCheckpoint
+from workflows.callbacks import DataHealthLogger, ExportCheckpoint, TrainingThroughput
 from workflows.datamodule import NvilaDataModule
 from workflows.module import NvilaModule
 
@@ -120,7 +120,7 @@ class NvilaCLI(LightningCLI):
             layers = self.model.model.fsdp_wrap_modules()
             checkpointed = layers if self.model.hparams.gradient_checkpointing else None
             kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=layers, activation_checkpointing_policy=checkpointed)
-        callbacks = list(config.get("callbacks") or []) + [self.export, DataHealthLogger()]
+        callbacks = list(config.get("callbacks") or []) + [self.export, DataHealthLogger(), TrainingThroughput()]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

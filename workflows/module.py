@@ -29,6 +29,7 @@ class NvilaModule(L.LightningModule):
     Args:
         encoder: vision encoder spec, e.g. ``{name: siglip, feature_layer: -2}``.
         compressor: token compressor spec, e.g. ``{name: stc, ratio: 2}``.
+        temporal: temporal compressor spec for video, e.g. ``{name: temporal-average, group: 8}``.
         projector: projector spec, e.g. ``{name: mlp}``.
         llm: language model spec, e.g. ``{name: qwen2, checkpoint: /path/to/Qwen2-7B}``.
         precision: precision backend spec, e.g. ``{name: fp32}``; sets the Trainer's precision.
@@ -52,12 +53,13 @@ class NvilaModule(L.LightningModule):
                  init_from: str | None = None, freeze: list[str] | None = None, peft: dict | None = None,
                  lr: float = 1e-3, lr_multipliers: dict[str, float] | None = None, weight_decay: float = 0.0,
                  warmup_steps: int = 50, max_length: int = 2048, gradient_checkpointing: bool = False,
-                 loss: str = "standard", loss_chunk_size: int = 1024) -> None:
+                 loss: str = "standard", loss_chunk_size: int = 1024, temporal: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         defaults = ModelSpec()
         spec = ModelSpec(encoder=encoder or defaults.encoder, compressor=compressor or defaults.compressor,
-                         projector=projector or defaults.projector, llm=llm or defaults.llm)
+                         projector=projector or defaults.projector, llm=llm or defaults.llm,
+                         temporal=temporal or defaults.temporal)
         validate_all({"model.precision": ("precision", precision or {"name": "fp32"}),
                       **{f"model.{part}": (part, getattr(spec, part)) for part in MODEL_PARTS}})
         if loss not in LOSSES:

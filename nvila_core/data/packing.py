@@ -62,7 +62,7 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, Any]:
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((batch, length), dtype=torch.long)
     segment_ids = torch.zeros((batch, length), dtype=torch.long)  # 0: padding; samples count from 1
-    pixels, grids = [], []
+    pixels, grids, videos, video_grids = [], [], [], []
     for b, row in enumerate(rows):
         start = 0
         for segment, s in enumerate(row, start=1):
@@ -76,6 +76,9 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, Any]:
             if s.pixels is not None:
                 pixels.append(s.pixels)
             grids.extend(s.grids)
+            if s.videos is not None:
+                videos.append(s.videos)
+            video_grids.extend(s.video_grids)
         position_ids[b, start:] = torch.arange(length - start)  # padding: a sequence of its own
     return {
         "input_ids": input_ids,  # (B, L)
@@ -84,6 +87,8 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, Any]:
         "segment_ids": segment_ids,  # (B, L)
         "pixels": torch.cat(pixels) if pixels else None,  # (T, 3, S, S), row-major sample order
         "grids": grids,
+        "videos": torch.cat(videos) if videos else None,  # (T_video, 3, S, S), same order
+        "video_grids": video_grids,
         "num_samples": sum(len(row) for row in rows),
     }
 

@@ -38,3 +38,20 @@ def test_output_shape_reports_padded_token_count():
     stc = SpatialToChannel(STCConfig(ratio=2))
     assert stc.output_shape((32, 32), 1152) == (256, 4608)
     assert stc.output_shape((27, 27), 1152) == (196, 4608)
+
+
+def test_3x3_matches_nvila_fixed_downsample_block():
+    """The padding and view/permute sequence of NVILA's `mlp_downsample_3x3_fix` projector, on a 7x5 grid."""
+    x = torch.randn(2, 7, 5, 3)
+    n, a, b, c = x.shape
+    y = torch.cat([x, torch.zeros(n, 3 - a % 3, b, c)], dim=1)  # pad rows to 9
+    y = torch.cat([y, torch.zeros(n, y.shape[1], 3 - b % 3, c)], dim=2)  # pad columns to 6
+    n, a, b, c = y.shape
+    y = y.reshape(n, a, b // 3, c * 3).permute(0, 2, 1, 3).reshape(n, b // 3, a // 3, c * 9)
+    y = y.permute(0, 2, 1, 3).reshape(n, -1, c * 9)
+    torch.testing.assert_close(SpatialToChannel(STCConfig(ratio=3))(x), y, rtol=0, atol=0)
+
+
+def test_ratio_larger_than_the_grid_is_refused_naming_the_valid_range():
+    with pytest.raises(ValueError, match=r"key 'ratio' = 4 is larger than the 3x3 feature grid; valid range 1..3"):
+        SpatialToChannel(STCConfig(ratio=4)).output_shape((3, 3), 8)

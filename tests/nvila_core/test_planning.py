@@ -79,13 +79,17 @@ def test_planned_flops_are_counted_on_the_real_forward(built):
     assert plan.llm_tokens == plan.visual_tokens + 7
 
 
-def test_video_frames_are_one_base_tile_each(built):
-    model, planner = built("stc")
+def test_video_frames_are_one_base_tile_each_and_pooled_over_time(built):
+    model, planner = built("stc")  # the default temporal slot: NVILA's 8-frame average, a newline per frame
     frames = [model.processor.image_processor.frame(Image.new("RGB", (64, 48), (i, 0, 0))) for i in range(5)]
     with torch.no_grad():
-        visual = model.visual_tokens(torch.cat([f.pixels for f in frames]), [f.grid for f in frames])
+        visual = model.video_tokens(torch.cat([f.pixels for f in frames]), [(5, *frames[0].grid)])
+    encoded = model.processor.encode([{"from": "human", "value": "<video>"}], videos=[[Image.new("RGB", (64, 48))] * 5])
+    ends = len(model.processor.frame_end_ids)
     plan = planner.video(5)
-    assert plan.tiles == 5 and plan.visual_tokens == planner.video_tokens(5) == visual.shape[0] == 5 * 4
+    assert visual.shape[0] == 1 * 4  # 5 frames -> 1 pooled frame of 4 tokens
+    assert plan.tiles == 5 and plan.visual_tokens == planner.video_tokens(5) == visual.shape[0] + ends
+    assert int((encoded.input_ids == model.video_token_id).sum()) == visual.shape[0]
     assert plan.stage("encoder").flops * 17 == pytest.approx(planner.image(200, 60).stage("encoder").flops * 5,
                                                              rel=0.05)  # 17 tiles for the image, 1 per frame
 

@@ -213,7 +213,7 @@ def test_a_disabled_distribution_is_named_not_silently_empty(site, monkeypatch):
         check_distribution("soundplug")
 
 
-def test_a_kind_without_kit_checks_gets_a_warning_not_a_crash(site):
+def test_a_pruner_that_is_not_a_pruner_is_reported_by_the_kit(site):
     source = textwrap.dedent('''
         from dataclasses import dataclass
         from nvila_core import hookimpl
@@ -232,9 +232,9 @@ def test_a_kind_without_kit_checks_gets_a_warning_not_a_crash(site):
             registry.add("pruner", "keep-all", keep_all, KeepAllConfig)
     ''')
     fake_distribution(site, "pruneplug", "prune", "pruneplug_mod", source)
-    with pytest.warns(UserWarning, match="no checks for kind 'pruner' yet; only the config checks ran for "
-                                         "pruner 'keep-all' from pruneplug 0.2"):
-        assert check_distribution("pruneplug") == ["pruner:keep-all"]
+    with pytest.raises(ContractError, match="pruner 'keep-all' from pruneplug 0.2 failed the 'interface' check: "
+                                            "a pruner must subclass nvila_core.pruning.Pruner"):
+        check_distribution("pruneplug")
 
 
 def test_a_model_built_with_a_shape_breaking_compressor_names_its_distribution(site, tiny_spec):

@@ -23,7 +23,7 @@ def test_every_problem_of_a_spec_is_reported_at_once(registry):
 
 
 def test_checks_in_the_config_itself_are_reported_with_the_plugin(registry):
-    with pytest.raises(SpecError, match=r"(?s)compressor 'stc'.*ratio must be a positive integer, got 0"):
+    with pytest.raises(SpecError, match=r"(?s)compressor 'stc'.*key 'ratio' = 0 is out of range.*valid range 1\.\."):
         resolve("compressor", {"name": "stc", "ratio": 0}, registry)
 
 
@@ -34,7 +34,7 @@ def test_specs_never_name_import_paths(registry, key):
 
 
 def test_a_missing_name_lists_the_choices(registry):
-    with pytest.raises(SpecError, match="'name' is missing; choose one of: identity, stc"):
+    with pytest.raises(SpecError, match="'name' is missing; choose one of: .*identity, .*stc"):
         resolve("compressor", {"ratio": 2}, registry)
 
 

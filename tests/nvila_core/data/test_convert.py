@@ -10,7 +10,6 @@ from nvila_core.data.shards import SampleDecoder, decoded_stream, find_shards, r
 from nvila_core.data.skips import Skipped
 from nvila_core.data.video import encode_video
 from nvila_core.model import NvilaModel
-from nvila_core.processor import Encoded
 
 
 def turns(question, answer="yes"):
@@ -62,11 +61,9 @@ def test_convert_writes_shards_that_load_and_reports_skips(tmp_path, capsys, reg
 
     processor = NvilaModel(tiny_spec, registry).processor
     items = list(decoded_stream(shards, SampleDecoder(processor)))
-    encoded = [i for i in items if isinstance(i, Encoded)]
-    assert [len(e.grids) for e in encoded] == [1, 3, 0]  # one image, three in order, text only
-    (video,) = [i for i in items if isinstance(i, Skipped)] or [None]
-    if video is not None:  # until the processor takes videos (issue 4); then it encodes
-        assert video.reason == "video_unsupported" and video.where.endswith("vid")
+    assert not [i for i in items if isinstance(i, Skipped)]
+    # one image, three in order, a video, text only
+    assert [(len(e.grids), len(e.video_grids)) for e in items] == [(1, 0), (3, 0), (0, 1), (0, 0)]
 
 
 def test_convert_names_a_broken_json_file(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Corrupt samples are skipped, counted by reason and named; training goes on, up to a threshold."""
 
 import csv
-import inspect
 import io
 import json
 import tarfile
@@ -78,14 +77,11 @@ def test_good_samples_text_only_and_several_numbered_images_decode(processor):
     assert isinstance(several, Encoded) and len(several.grids) == 3
 
 
-def test_a_video_sample_goes_to_the_processor_only_if_it_takes_videos(processor):
+def test_a_video_sample_is_decoded_and_encoded_with_its_frames(processor):
     decoder = SampleDecoder(processor, VideoSampling(num_frames=4))
     out = decoder({"__url__": "s.tar", "__key__": "v", "mp4": mp4(), "json": conv("<video>\nWhat happens?")})
-    if "videos" in inspect.signature(NvilaProcessor.encode).parameters:
-        assert isinstance(out, Encoded)
-    else:
-        assert isinstance(out, Skipped) and out.reason == "video_unsupported"
-        assert "video not supported by this model's processor" in out.detail
+    assert isinstance(out, Encoded) and len(out.video_grids) == 1
+    assert out.videos.shape[0] == 4  # one base-resolution tile per sampled frame
 
 
 def test_a_truncated_tar_is_counted_once_and_its_readable_samples_kept(processor, tmp_path):

@@ -1,0 +1,48 @@
+"""The public test kit catches a compressor that breaks its contract (so passing it means something)."""
+
+import pytest
+import torch
+
+from compressors.identity import IdentityConfig
+from nvila_core.interfaces import Compressor
+from nvila_core.registry import Registry
+from nvila_core.testing import ContractError, check_component
+
+
+class MiscountingCompressor(Compressor):
+    """Pools to a fixed 2x2 grid but claims one token per 2x2 block (wrong for odd grids)."""
+
+    def __init__(self, config, in_channels=None):
+        super().__init__()
+
+    def output_shape(self, block_size, channels):
+        return (block_size[0] // 2) * (block_size[1] // 2), channels
+
+    def forward(self, blocks):
+        x = torch.nn.functional.adaptive_avg_pool2d(blocks.permute(0, 3, 1, 2), (blocks.shape[1] // 2,
+                                                                                 -(-blocks.shape[2] // 2)))
+        return x.flatten(2).transpose(1, 2)  # (M, n, C)
+
+
+class BatchMixingCompressor(Compressor):
+    """Right shapes, but normalises over the whole batch, so a block's tokens depend on its neighbours."""
+
+    def __init__(self, config, in_channels=None):
+        super().__init__()
+
+    def output_shape(self, block_size, channels):
+        return block_size[0] * block_size[1], channels
+
+    def forward(self, blocks):
+        return (blocks - blocks.mean(0)).flatten(1, 2)  # (M, h*w, C)
+
+
+@pytest.mark.parametrize("factory,message", [(MiscountingCompressor, "output_shape promised"),
+                                             (BatchMixingCompressor, "depend on the other blocks")])
+def test_the_kit_refuses_broken_compressors(factory, message):
+    registry = Registry()
+    registrar = registry.registrar("broken-plugin", "0.1")
+    registrar.add("compressor", "broken", factory, IdentityConfig)
+    registrar.commit()
+    with pytest.raises(ContractError, match=message):
+        check_component(registry.get("compressor", "broken"), registry)
