@@ -38,6 +38,9 @@ class AveragePool(Compressor):
         rows, cols = merged_grid(self.k, block_size)
         return rows * cols, channels
 
+    def token_grid(self, block_size: tuple[int, int]) -> tuple[int, int] | None:
+        return merged_grid(self.k, block_size)
+
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         x = blocks.permute(0, 3, 1, 2)  # (M, C, h, w)
         # ceil_mode without padding: edge windows are clipped to the grid and divide by what they cover

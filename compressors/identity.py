@@ -23,5 +23,8 @@ class IdentityCompressor(Compressor):
     def output_shape(self, block_size: tuple[int, int], channels: int) -> tuple[int, int]:
         return block_size[0] * block_size[1], channels
 
+    def token_grid(self, block_size: tuple[int, int]) -> tuple[int, int] | None:
+        return block_size
+
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.flatten(1, 2)  # (M, h*w, C)

@@ -41,6 +41,9 @@ class SpatialToChannel(Compressor):
         rows, cols = merged_grid(self.k, block_size)
         return rows * cols, channels * self.k**2
 
+    def token_grid(self, block_size: tuple[int, int]) -> tuple[int, int] | None:
+        return merged_grid(self.k, block_size)
+
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         k = self.k
         m, h, w, c = blocks.shape

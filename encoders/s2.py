@@ -123,6 +123,8 @@ class S2Processor(ImageProcessor):
 class S2Encoder(VisionEncoder):
     """Multi-scale features of a single-tile base encoder, merged into one map of tile-sized blocks."""
 
+    blocks_form_one_map = True  # the model reads the visual tokens row by row across the whole map
+
     def __init__(self, config: S2Config) -> None:
         super().__init__()
         self.config = config

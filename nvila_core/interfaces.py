@@ -63,6 +63,10 @@ class VisionEncoder(nn.Module, ABC):
     """C, the width of each feature."""
     block_size: tuple[int, int]
     """(h, w) of each feature block."""
+    blocks_form_one_map: bool = False
+    """True when an image's blocks are tiles of one feature map (S2, DynS2), so that its visual tokens are
+    stitched back into that map and read row by row across it, as NVILA does; False keeps them block by
+    block (independent tiles)."""
 
     @abstractmethod
     def processor(self) -> ImageProcessor:
@@ -94,6 +98,11 @@ class Compressor(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, blocks: torch.Tensor) -> torch.Tensor: ...
+
+    def token_grid(self, block_size: tuple[int, int]) -> tuple[int, int] | None:
+        """(rows, cols) when a block's tokens are a row-major spatial grid, None when they are not spatial
+        (learned queries); spatial tokens of neighbouring blocks can then be stitched into one map."""
+        return None
 
 
 TEMPORAL_STAGES = ("after-encoder", "after-compressor", "after-projector")

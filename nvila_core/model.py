@@ -86,8 +86,27 @@ class NvilaModel(nn.Module):
     def visual_tokens(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""
         blocks = self.encoder(pixels, grids)  # (M, h, w, C)
-        tokens = self._compress(blocks)  # (M, n, C')
-        return self.projector(tokens).flatten(0, 1)  # (M*n, D)
+        tokens = self.projector(self._compress(blocks))  # (M, n, D)
+        return self._stitch(tokens, grids)  # (M*n, D)
+
+    def _stitch(self, tokens: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Visual tokens in LLM order: (M, n, D) -> (M*n, D).
+
+        When an image's blocks are tiles of one map (DynS2) and each block's tokens are a spatial grid, the
+        tokens are stitched back into that map and read row by row across it, as NVILA does after its
+        projector; otherwise block after block.
+        """
+        layout = self.compressor.token_grid(self.encoder.block_size)
+        if not self.encoder.blocks_form_one_map or layout is None or all(g == (1, 1) for g in grids):
+            return tokens.flatten(0, 1)
+        th, tw = layout
+        out, start = [], 0
+        for rows, cols in grids:
+            image = tokens[start:start + rows * cols]  # (r*c, th*tw, D)
+            image = image.reshape(rows, cols, th, tw, -1).permute(0, 2, 1, 3, 4)  # (r, th, c, tw, D)
+            out.append(image.reshape(rows * th * cols * tw, -1))  # (r*th*c*tw, D), row-major over the map
+            start += rows * cols
+        return torch.cat(out)
 
     def _compress(self, blocks: torch.Tensor) -> torch.Tensor:
         """The spatial compressor, held to the token count its output_shape announced: (M, n, C')."""
