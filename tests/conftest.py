@@ -9,16 +9,7 @@ import pytest
 
 from nvila_core.data.synthetic import write_dataset
 from nvila_core.plugins import load_plugins
-
-# Tiny but real architectures: the demo's shapes, scaled down further for unit tests.
-TINY_MODEL = {
-    "encoder": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "feature_layer": -1},
-    "compressor": {"name": "stc", "ratio": 2},
-    "projector": {"name": "mlp"},
-    "llm": {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
-            "num_kv_heads": 1},
-}
+from nvila_core.testing import TINY_MODEL  # tiny but real architectures, shared with the public test kit
 
 
 @pytest.fixture(scope="session")
