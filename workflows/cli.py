@@ -101,6 +101,7 @@ class NvilaCLI(LightningCLI):
             config["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True  # resuming never unpickles arbitrary objects
+        _check_group_fits_frames(config)
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
@@ -123,6 +124,25 @@ class NvilaCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or []) + [self.export, DataHealthLogger(), TrainingThroughput()]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def _check_group_fits_frames(config: Any) -> None:
+    """Refuse, before anything is built, a temporal group larger than the frames each video is sampled to."""
+    from nvila_core.model import ModelSpec
+    from nvila_core.plugins import default_registry
+    from nvila_core.specs import resolve
+
+    frames = (config.get("data") or {}).get("video_frames")
+    spec = (config.get("model") or {}).get("temporal") or ModelSpec().temporal
+    try:
+        _, temporal = resolve("temporal", spec, default_registry())
+    except NvilaError:
+        return  # the model reports a bad temporal spec itself, with every other spec problem
+    group = getattr(temporal, "group", None)
+    if frames is not None and group is not None and group > frames:
+        raise NvilaError(f"model.temporal.group = {group} is larger than data.video_frames = {frames}: every "
+                         f"video would pool into one partial group. Valid range: 1..{frames}; lower the group "
+                         "or sample more frames.")
 
 
 def run_cli(args: list[str]) -> NvilaCLI:

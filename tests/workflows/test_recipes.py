@@ -73,3 +73,10 @@ def test_fsdp_fragment_builds_a_sharded_trainer(synth_data):
                          f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
                          "--trainer.devices=1"], run=False)
     assert type(cli.trainer.strategy).__name__ == "FSDPStrategy"
+
+
+def test_a_temporal_group_larger_than_the_sampled_frames_is_refused_before_building(synth_data):
+    with pytest.raises(NvilaError, match=r"model.temporal.group = 16 is larger than data.video_frames = 8.*1..8"):
+        NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
+                       f"--data.val={synth_data / 'val'}", "--data.video_frames=8",
+                       "--model.temporal={name: temporal-average, group: 16}"], run=False)
