@@ -25,16 +25,11 @@ from nvila_core.data.shards import SampleDecoder, decoded_stream
 from nvila_core.data.synthetic import make_sample
 from nvila_core.data.video import VideoSampling, decode_video, encode_video
 from nvila_core.model import NvilaModel
+from nvila_core.planning import model_spec_from_recipe
 from nvila_core.processor import Encoded
+from workflows.cli import recipe_path
 
-DEMO = {  # the demo recipe's model (workflows/recipes/demo.yaml)
-    "encoder": {"name": "siglip", "image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 256,
-                "num_layers": 3, "num_heads": 4, "feature_layer": -1},
-    "compressor": {"name": "stc", "ratio": 2},
-    "projector": {"name": "mlp"},
-    "llm": {"name": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
-            "num_kv_heads": 2},
-}
+DEMO = model_spec_from_recipe(recipe_path("demo"))  # the demo recipe's model
 
 
 def photo(rng: random.Random, size=(640, 480)) -> Image.Image:

@@ -61,13 +61,14 @@ def refuse_import_paths(args: list[str]) -> list[str]:
     """Resolve shipped recipe names, and refuse recipes or overrides that name import paths."""
     out, found = [], []
     for i, arg in enumerate(args):
+        recipe = None
         if i and args[i - 1] in ("-c", "--config"):
-            arg = recipe_path(arg)
-            found += [f"{arg}: {p}" for p in _find_import_paths(yaml.safe_load(Path(arg).read_text()))]
+            recipe = arg = recipe_path(arg)
         elif arg.startswith("--config="):
-            arg = "--config=" + recipe_path(arg.split("=", 1)[1])
-            path = arg.split("=", 1)[1]
-            found += [f"{path}: {p}" for p in _find_import_paths(yaml.safe_load(Path(path).read_text()))]
+            recipe = recipe_path(arg.split("=", 1)[1])
+            arg = f"--config={recipe}"
+        if recipe is not None:
+            found += [f"{recipe}: {p}" for p in _find_import_paths(yaml.safe_load(Path(recipe).read_text()))]
         if any(key in arg for key in IMPORT_PATH_KEYS):
             found.append(arg)
         out.append(arg)
