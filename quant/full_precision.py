@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from nvila_core.interfaces import PrecisionBackend
+
+# Layers whose weights autocast casts to bf16 at every use: storing a frozen one in bf16 changes no result.
+AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
 class FP32Config:
-    """Plain float32 everywhere: the fastest choice on CPUs (bf16 matmuls are slow there)."""
+    """Plain float32 everywhere: the fastest choice on CPUs without native bf16 (AVX512-BF16 or AMX)."""
 
 
 class FP32(PrecisionBackend):
@@ -27,6 +33,11 @@ class BF16Config:
 
     true_bf16: bool = False
     """Store the weights in bf16 too (halves memory; loses fp32 master weights)."""
+    frozen_in_bf16: bool = False
+    """Store frozen linear and convolution weights in bf16: they never update and autocast computes with
+    them in bf16 anyway, so results are unchanged and their memory halves (how NVILA fits 8B PEFT in
+    24 GB). Exported checkpoints then hold those weights rounded to bf16. Not with FSDP, which flattens
+    each wrapped block into one tensor of one dtype."""
 
 
 class BF16(PrecisionBackend):
@@ -35,3 +46,27 @@ class BF16(PrecisionBackend):
     def __init__(self, config: BF16Config) -> None:
         self.config = config
         self.lightning_precision = "bf16-true" if config.true_bf16 else "bf16-mixed"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.config.frozen_in_bf16 and not self.config.true_bf16:
+            store_frozen_weights(model, torch.bfloat16)
+        return model
+
+
+def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen parameters of linear and convolution layers to ``dtype``; returns how many.
+
+    A parameter shared with another kind of layer (an output layer tied to the embeddings) keeps its
+    dtype, since that layer would then compute in ``dtype`` too.
+    """
+    shared = {id(p) for m in model.modules() if not isinstance(m, AUTOCAST_MATMUL_LAYERS)
+              for p in m.parameters(recurse=False)}
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, AUTOCAST_MATMUL_LAYERS):
+            continue
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and id(param) not in shared and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast

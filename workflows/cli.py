@@ -118,6 +118,11 @@ class NvilaCLI(LightningCLI):
         if config.get("strategy") == "fsdp":
             from lightning.pytorch.strategies import FSDPStrategy
 
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()})
+            if len(dtypes) > 1:
+                raise NvilaError(f"strategy fsdp flattens each wrapped layer into one tensor of one dtype, but the "
+                                 f"model's parameters are {' and '.join(dtypes)} (model.precision.frozen_in_bf16 "
+                                 "stores frozen weights in bf16): set model.precision.frozen_in_bf16=false.")
             # shard per transformer layer, using the layer classes each component names
             layers = self.model.model.fsdp_wrap_modules()
             checkpointed = layers if self.model.hparams.gradient_checkpointing else None

@@ -80,3 +80,28 @@ def test_a_temporal_group_larger_than_the_sampled_frames_is_refused_before_build
         NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
                        f"--data.val={synth_data / 'val'}", "--data.video_frames=8",
                        "--model.temporal={name: temporal-average, group: 16}"], run=False)
+
+
+def test_fsdp_refuses_parameters_of_mixed_dtypes(synth_data):
+    with pytest.raises(NvilaError, match=r"fsdp flattens.*bfloat16 and float32.*frozen_in_bf16=false"):
+        NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
+                       f"--data.val={synth_data / 'val'}", "--trainer.strategy=fsdp",
+                       "--model.precision={name: bf16, frozen_in_bf16: true}", "--model.freeze=[llm]"], run=False)
+
+
+def training_state_bytes(model: torch.nn.Module) -> int:
+    """Weights as stored, plus an fp32 gradient and two fp32 AdamW moments per trainable parameter."""
+    return sum(p.numel() * (p.element_size() + (12 if p.requires_grad else 0)) for p in model.parameters())
+
+
+def test_nvila_8b_peft_keeps_its_training_state_within_24_gb(synth_data):
+    """The paper fine-tunes NVILA-8B in 24 GB; weights, gradients and optimizer state, counted on the meta
+    device, leave room for checkpointed activations only under PEFT with frozen weights in bf16."""
+    data = [f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}"]
+    states = {}
+    for name, extra in {"full": [], "peft": ["--config", recipe_path("stages/peft")]}.items():
+        with torch.device("meta"):
+            cli = NvilaCLI(args=["--config", recipe_path("nvila-8b"), *extra, *data], run=False)
+        states[name] = training_state_bytes(cli.model.model) / 2**30
+    assert states["peft"] < 18 < 24 < states["full"]  # 17.5 GiB against 120 GiB
+    assert states["full"] / states["peft"] > 6

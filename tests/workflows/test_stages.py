@@ -45,6 +45,22 @@ def test_stages_chain_through_checkpoints_and_train_only_their_parts(synth_data,
         previous = cli.export.path
 
 
+def test_peft_with_frozen_weights_in_bf16_exports_a_plain_checkpoint(synth_data, tiny_overrides, tmp_path):
+    from nvila_core.checkpoint import load_checkpoint
+
+    cli = run_cli(["fit", "--config", recipe_path("demo"), "--config", recipe_path("stages/peft"),
+                   *tiny_args(synth_data, tiny_overrides, tmp_path), "--model.lr=1e-2",
+                   "--model.precision={name: bf16, frozen_in_bf16: true}"])
+    assert cli.trainer.precision == "bf16-mixed"
+    trained = cli.model.model  # adapters merged into the bf16 base weights on export
+    assert trained.llm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert trained.projector[0].weight.dtype == torch.float32  # trained: fp32 master weights
+    model = load_checkpoint(cli.export.path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[name].float(), rtol=0, atol=0, msg=name)
+
+
 def test_lr_multipliers_give_each_part_its_learning_rate(synth_data, tiny_overrides, tmp_path):
     cli = NvilaCLI(args=["--config", recipe_path("demo"), "--config", recipe_path("stages/peft"),
                          *tiny_args(synth_data, tiny_overrides, tmp_path)], run=False)
