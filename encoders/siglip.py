@@ -107,7 +107,7 @@ class SiglipEncoder(VisionEncoder):
         return features.reshape(features.shape[0], h, w, -1)  # (T, h, w, C)
 
     def enable_gradient_checkpointing(self) -> None:
-        self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vision.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
         return {SiglipEncoderLayer}
