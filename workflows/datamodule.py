@@ -8,16 +8,18 @@ its inputs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
 
 from nvila_core.data.packing import Batching, as_formed, model_inputs
-from nvila_core.data.shards import EpochStream, ResumableLoader, find_shards
+from nvila_core.data.shards import EpochStream, InStepLoader, ResumableLoader, find_shards
 from nvila_core.data.skips import DataHealth
 from nvila_core.data.video import VideoSampling
 from nvila_core.errors import NvilaError
+
+log = logging.getLogger(__name__)
 
 
 class NvilaDataModule(L.LightningDataModule):
@@ -75,14 +77,20 @@ class NvilaDataModule(L.LightningDataModule):
         return ResumableLoader(stream, batch_size=None, collate_fn=as_formed,
                                num_workers=self._workers(self.train_shards))
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> InStepLoader | list:
         if not self.val_shards:
             return []
         workers = self._workers(self.val_shards)
+        # fewer shards than ranks would leave a rank without validation data: then every rank reads them all
+        split = len(self.val_shards) >= self.trainer.world_size
+        if not split:
+            log.info("data.val has %d shard(s) for %d ranks: every rank validates on all of them",
+                     len(self.val_shards), self.trainer.world_size)
         # validation batches are padded: per-sample metrics (exact match) read rows as samples
-        stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video)
-        return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
-                          persistent_workers=workers > 0)
+        stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video,
+                             split_by_rank=split)
+        return InStepLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
+                            persistent_workers=workers > 0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the batch's skip records (training only) and return the model's inputs alone."""

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
@@ -129,11 +131,17 @@ class SampleDecoder:
         return dataclasses.replace(encoded, key=where)
 
 
+def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
+    """A node splitter that keeps all shards: every rank reads the whole set."""
+    return urls
+
+
 def _pipeline(shards: list[str] | list[Path], decoder: SampleDecoder, shuffle: int, seed: int,
-              errors: ShardErrors) -> wds.WebDataset:
+              errors: ShardErrors, split_by_rank: bool = True) -> wds.WebDataset:
     dataset = wds.WebDataset(
         [str(s) for s in shards], handler=errors, shardshuffle=len(shards) if shuffle else False,
-        seed=seed, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+        seed=seed, nodesplitter=wds.split_by_node if split_by_rank else _every_shard,
+        workersplitter=wds.split_by_worker,
         empty_check=False).compose(errors.check_ends)
     if shuffle:
         dataset = dataset.shuffle(shuffle, seed=seed)
@@ -141,14 +149,15 @@ def _pipeline(shards: list[str] | list[Path], decoder: SampleDecoder, shuffle: i
 
 
 def decoded_stream(shards: list[str] | list[Path], decoder: SampleDecoder, shuffle: int = 0,
-                   seed: int = 0) -> Iterator[Encoded | Skipped]:
+                   seed: int = 0, split_by_rank: bool = True) -> Iterator[Encoded | Skipped]:
     """Every sample of ``shards`` (this rank's and worker's share) as ``Encoded`` or ``Skipped``, in order.
 
     ``shuffle`` > 0 shuffles shards and samples; the order is a pure function of ``seed`` (and of the rank
     and worker split), so a run can be replayed. Unreadable shards become ``unreadable_shard`` records.
+    ``split_by_rank=False`` gives every distributed rank all the shards (still split across workers).
     """
     errors = ShardErrors()
-    for item in _pipeline(shards, decoder, shuffle, seed, errors):
+    for item in _pipeline(shards, decoder, shuffle, seed, errors, split_by_rank):
         yield from errors.drain()
         yield item
     yield from errors.drain()
@@ -173,22 +182,55 @@ class EpochStream(IterableDataset):
     """
 
     def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0,
-                 batching: Batching | None = None, video: VideoSampling | None = None) -> None:
+                 batching: Batching | None = None, video: VideoSampling | None = None,
+                 split_by_rank: bool = True) -> None:
         self.shards, self.processor, self.shuffle, self.seed = shards, processor, shuffle, seed
-        self.batching, self.video = batching, video
+        self.batching, self.video, self.split_by_rank = batching, video, split_by_rank
         self.epoch = 0
 
     def __iter__(self) -> Iterator[Encoded] | Iterator[dict[str, Any]]:
         items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video), self.shuffle,
-                               self.seed + self.epoch)
+                               self.seed + self.epoch, self.split_by_rank)
         if self.batching is not None:
             yield from self.batching(items)
         else:
             yield from (item for item in items if isinstance(item, Encoded))
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
+def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches`` for as long as every distributed rank still has a batch; all ranks stop together.
+
+    Ranks stream different shards, so their epochs hold different numbers of batches (a shard count not
+    divisible by the world size, uneven shards, skipped samples, packing). A rank that stopped alone would
+    leave the others waiting in a gradient all-reduce it never joins; so before each batch the ranks agree,
+    with one tiny all-reduce, that all of them have one, and the epoch ends at the shortest rank's end.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield from batches
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    end = object()
+    while True:
+        batch = next(batches, end)
+        have = torch.tensor([batch is not end], dtype=torch.int32, device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not have.item():
+            if batch is not end:
+                log.info("rank %d ends its epoch with batches left: another rank's share ran out first",
+                         dist.get_rank())
+            return
+        yield batch
+
+
+class InStepLoader(DataLoader):
+    """A DataLoader whose epochs end at the same batch on every distributed rank."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return while_every_rank_has_one(super().__iter__())
+
+
+class ResumableLoader(InStepLoader):
+    """An :class:`InStepLoader` over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
 
     Lightning saves ``state_dict()`` in its checkpoints and hands it back on ``--ckpt_path``; the loader
     then replays the epoch's stream and skips the batches the interrupted run had already trained on, so
@@ -211,7 +253,7 @@ class ResumableLoader(DataLoader):
                 break
             self._yielded += 1
         self._skip = 0
-        for batch in batches:
+        for batch in while_every_rank_has_one(batches):
             self._yielded += 1
             yield batch
         self.epoch, self._yielded = self.epoch + 1, 0  # between epochs: the next one starts from its beginning

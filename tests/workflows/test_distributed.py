@@ -37,17 +37,30 @@ def test_each_sample_is_seen_once_per_epoch_across_ranks_and_workers(many_shards
     assert len(seen[0]) + len(seen[1]) == len(set(seen[0]) | set(seen[1])) == 96
 
 
-def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, tmp_path):
+def fit_with_two_processes(data, root, tiny_overrides, *extra):
     out = subprocess.run([
         sys.executable, "-m", "nvila_core.cli", "fit", "--config", "demo",
-        f"--data.train={many_shards / 'train'}", f"--data.val={many_shards / 'val'}",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=2",
-        "--trainer.strategy=ddp", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-        "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=4",
-        "--data.num_workers=1", "--model.warmup_steps=1",
-        *tiny_overrides,
+        f"--data.train={data / 'train'}", f"--data.val={data / 'val'}",
+        f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--data.batch_size=4", "--data.num_workers=1", "--model.warmup_steps=1", *tiny_overrides, *extra,
     ], capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
-    assert list(tmp_path.rglob("checkpoint/model.safetensors"))
+    assert list(root.rglob("checkpoint/model.safetensors"))
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, tmp_path):
+    fit_with_two_processes(many_shards, tmp_path, tiny_overrides, "--trainer.max_steps=4",
+                           "--trainer.val_check_interval=4")
+
+
+def test_ddp_ranks_with_uneven_shares_end_each_epoch_together(tmp_path, tiny_overrides):
+    data = tmp_path / "data"
+    write_split(data / "train", 36, seed=9, image_size=32, shard_size=12)  # 3 shards: 24 samples and 12
+    write_split(data / "val", 8, seed=10, image_size=32, shard_size=8)  # 1 shard: every rank reads it
+    state = fit_with_two_processes(data, tmp_path / "run", tiny_overrides, "--trainer.max_epochs=2")
+    # (ranks that ended apart used to crash in mismatched gloo collectives)
+    assert state["epoch"] == 2 and state["global_step"] == 2 * 3  # each epoch: the short rank's 3 batches
