@@ -88,14 +88,14 @@ class PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
-def _batch(model: Any, batch_size: int, question_words: int) -> dict[str, Any]:
+def _batch(model: Any, batch_size: int, question_words: int, answer_words: int) -> dict[str, Any]:
     from PIL import Image
 
     from nvila_core.processor import collate
 
     question = " ".join(["what color is the shape"] * (question_words // 5))
     samples = [model.processor.encode([{"from": "human", "value": f"<image>\n{question}"},
-                                       {"from": "gpt", "value": "red " * 8}], [Image.new("RGB", (224, 224))])
+                                       {"from": "gpt", "value": "red " * answer_words}], [Image.new("RGB", (224, 224))])
                for _ in range(batch_size)]
     return collate(samples, model.tokenizer.pad_token_id)
 
@@ -110,13 +110,15 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
     settings.pop("compare_to", None)
     vocab = settings.pop("vocab_size", None)
     steps, batch_size = settings.pop("steps", 3), settings.pop("batch_size", 4)
+    question_words, answer_words = settings.pop("question_words", 60), settings.pop("answer_words", 8)
     parts = {part: {**spec, **settings.pop(f"{part}_overrides", {})} for part, spec in MID_MODEL.items()}
     module = NvilaModule(**parts, **settings)
     if vocab:
         module.model.llm.resize_vocab(vocab)
     module.to(device)
     optimizer = torch.optim.AdamW(module.parameter_groups())
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _batch(module.model, batch_size, 60).items()}
+    batch = _batch(module.model, batch_size, question_words, answer_words)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tokens = int(batch["attention_mask"].sum())
     module.train()
     autocast = module.precision_backend.lightning_precision == "bf16-mixed"  # what Lightning's plugin does
@@ -146,6 +148,10 @@ PEFT = {"peft": {"lora": {"r": 16}, "vision": "layernorm"}, "lr_multipliers": {"
 BF16 = {"precision": {"name": "bf16"}}
 BF16_FROZEN = {"precision": {"name": "bf16", "frozen_in_bf16": True}}
 CHECKPOINTING = {"gradient_checkpointing": True}
+LONG_SFT = {"vocab_size": 151936, "question_words": 800, "answer_words": 200, "steps": 1,
+            "lr_multipliers": {"encoder": 0.1},  # the SFT stage's settings
+            "llm_overrides": {"hidden_size": 512, "intermediate_size": 1408, "num_layers": 8, "num_heads": 8,
+                              "num_kv_heads": 2}}
 
 # A configuration compares against the one named by "compare_to", else against its suite's first.
 SUITES: dict[str, dict[str, dict[str, Any]]] = {
@@ -170,6 +176,15 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
         "PEFT, bf16 mixed, frozen weights in bf16": {**PEFT, **BF16_FROZEN, **CHECKPOINTING, "steps": 1,
                                                      "llm_overrides": LARGE_LLM,
                                                      "compare_to": "full fine-tuning, bf16 mixed"},
+    },
+    # SFT with long samples (4 x ~1,000 tokens, a fifth of them answer tokens, which the loss supervises) on a
+    # narrower language model (512 x 8 layers) with Qwen2's vocabulary: the logits (B, L, 152k) and layer
+    # activations now outweigh weights and optimizer state.
+    "memory-savers-long": {
+        "standard loss": {**LONG_SFT},
+        "chunked loss": {**LONG_SFT, "loss": "chunked"},
+        "gradient checkpointing": {**LONG_SFT, **CHECKPOINTING},
+        "chunked loss + gradient checkpointing": {**LONG_SFT, **CHECKPOINTING, "loss": "chunked"},
     },
     "memory-savers": {
         "standard loss": {"vocab_size": 151936},

@@ -19,3 +19,10 @@ def test_peft_and_full_fine_tuning_in_bf16_run_side_by_side():
     assert full.step_seconds > 0 and peft.tokens_per_second > 0
     table = markdown("peft", results)
     assert f"| {peft.name} |" in table and "| full fine-tuning, bf16 mixed | " in table.splitlines()[-1]
+
+
+def test_the_command_offers_every_suite():
+    from nvila_core.cli import _parser
+
+    bench = next(a for a in _parser()._subparsers._group_actions[0].choices["bench"]._actions if a.dest == "suite")
+    assert set(bench.choices) == set(SUITES)

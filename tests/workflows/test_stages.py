@@ -61,6 +61,18 @@ def test_peft_with_frozen_weights_in_bf16_exports_a_plain_checkpoint(synth_data,
         torch.testing.assert_close(value, trained.state_dict()[name].float(), rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("preset,stage", [("nvila-8b-tiny", "peft"), ("nvila-lite-2b-tiny", "sft")])
+def test_tiny_presets_train_a_few_steps(synth_data, tmp_path, preset, stage):
+    """The released architectures' tiny twins (DynS2 and dynamic tiles, untied and tied embeddings) train."""
+    cli = run_cli(["fit", "--config", recipe_path(preset), "--config", recipe_path(f"stages/{stage}"),
+                   f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
+                   f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                   "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", "--data.batch_size=4",
+                   "--data.num_workers=0", "--model.warmup_steps=1"])
+    assert cli.trainer.global_step == 2
+    assert (cli.export.path / "model.safetensors").exists()
+
+
 def test_lr_multipliers_give_each_part_its_learning_rate(synth_data, tiny_overrides, tmp_path):
     cli = NvilaCLI(args=["--config", recipe_path("demo"), "--config", recipe_path("stages/peft"),
                          *tiny_args(synth_data, tiny_overrides, tmp_path)], run=False)
