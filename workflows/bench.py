@@ -164,6 +164,8 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
         "full fine-tuning, bf16 mixed": {**BF16, **CHECKPOINTING},
         "PEFT, bf16 mixed, frozen weights in bf16": {**PEFT, **BF16_FROZEN, **CHECKPOINTING,
                                                      "compare_to": "full fine-tuning, bf16 mixed"},
+        "the same without LoRA dropout": {**PEFT, "peft": {"lora": {"r": 16, "dropout": 0.0}, "vision": "layernorm"},
+                                          **BF16_FROZEN, **CHECKPOINTING, "compare_to": "full fine-tuning, bf16 mixed"},
         "full fine-tuning, no checkpointing": {},
         "PEFT, no checkpointing": {**PEFT, "compare_to": "full fine-tuning, no checkpointing"},
     },
