@@ -67,6 +67,8 @@ class FP8Training(PrecisionBackend):
             return False
         if self.config.skip_output_layer and fqn.endswith("lm_head"):
             return False
+        if ".lora_" in fqn:  # LoRA adapters (peft's lora_A / lora_B): rank-r matmuls gain nothing from FP8,
+            return False  # and their small updates would drown in its rounding; the frozen base layer converts
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     def prepare(self, model: nn.Module) -> nn.Module:

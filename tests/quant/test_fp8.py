@@ -43,3 +43,17 @@ def test_real_fp8_trains_on_a_capable_gpu(registry):
         loss = model(torch.randn(16, 32, device="cuda")).float().square().mean()
     loss.backward()
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_fp8_under_peft_converts_the_base_layers_and_leaves_the_adapters(registry, tiny_spec):
+    from nvila_core.model import NvilaModel
+    from workflows.peft import apply_peft, parse_peft
+
+    spec = {**tiny_spec, "llm": {**tiny_spec["llm"], "hidden_size": 64, "intermediate_size": 128}}
+    model = NvilaModel(spec, registry)
+    apply_peft(model, parse_peft({"lora": {"r": 16}}))
+    build("precision", {"name": "fp8", "emulate": True}, registry).prepare(model)
+    converted = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    assert any(n.endswith("q_proj.base_layer") for n in converted)
+    assert not any("lora_" in n for n in converted)
+    assert any("lora_A" in n for n, _ in model.named_modules())
