@@ -9,6 +9,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from nvila_core.data.synthetic import write_split
+
 
 def fit_command(root, synth_data, tiny_overrides, *extra):
     return [
@@ -57,5 +59,43 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, 
 
     expected, actual = final_weights(straight), final_weights(killed)
     assert expected.keys() == actual.keys()
+    for key in expected:
+        assert (expected[key] == actual[key]).all(), f"{key} differs after resuming"
+
+
+def test_ddp_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_overrides):
+    """Two gloo ranks with uneven shares (3 shards and 2), killed together as a crash would take them."""
+    data = tmp_path / "data"
+    write_split(data / "train", 80, seed=4, image_size=32, shard_size=16)  # 5 shards: 48 samples and 32
+    write_split(data / "val", 8, seed=5, image_size=32, shard_size=8)
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=20",
+           "--data.batch_size=4", "--checkpoint.every_n_train_steps=3"]  # (after fit_command's: these win)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def command(root, *extra):
+        return [*fit_command(root, data, tiny_overrides, *ddp), *extra]
+
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), check=True, env=env, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: rank 0 and the rank it launched
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("*step=12*.ckpt")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the second epoch (steps 8-15) is under way
+    proc.wait()
+    assert not list(killed.rglob("checkpoint/model.safetensors")), "killed before the end"
+    state = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["epoch"] == 1 and loader_state["batches"] > 0, loader_state  # step 9 or 12: mid-epoch
+
+    resumed = subprocess.run(command(killed, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, actual = final_weights(straight), final_weights(killed)
     for key in expected:
         assert (expected[key] == actual[key]).all(), f"{key} differs after resuming"
