@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--shard-size", type=int, default=1000)
 
     bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side")
-    bench.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long"])
+    bench.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8"])
 
     ev = sub.add_parser("eval", help="answer held-out questions with a checkpoint and report accuracy")
     ev.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")

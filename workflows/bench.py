@@ -21,10 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from nvila_core.errors import NvilaError
 
 # A mid-size model: Qwen2 at 1024 wide x 12 layers (~150M parameters with the small vocabulary),
 # SigLIP at 384 wide x 8 layers on 224 px tiles; large enough that weights and optimizer state dominate.
@@ -49,6 +52,7 @@ class Result:
     peak_memory_mb: float
     step_seconds: float
     tokens_per_second: float
+    batch_size: int = 4
 
 
 def _rss_mb() -> float:
@@ -100,47 +104,94 @@ def _batch(model: Any, batch_size: int, question_words: int, answer_words: int) 
     return collate(samples, model.tokenizer.pad_token_id)
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int = 4096) -> int:
+    """The largest batch size up to ``limit`` for which ``fits`` holds (0 if none), assuming that a batch
+    that fits means every smaller one fits too: doubling from 1, then bisection."""
+    low, high = 0, 1
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)  # low fits; high does not (or lies past the limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def run_one(name: str, settings: dict[str, Any]) -> Result:
-    """Build a model with ``settings`` (NvilaModule arguments), train a few steps, measure."""
+    """Build a model with ``settings`` (NvilaModule arguments), train a few steps, measure.
+
+    With ``max_batch: true`` (CUDA only) the batch size is first raised until CUDA runs out of memory,
+    and the largest that trains is the one measured.
+    """
     from workflows.module import NvilaModule
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = _rss_mb()
     settings.pop("compare_to", None)
-    vocab = settings.pop("vocab_size", None)
+    vocab, search = settings.pop("vocab_size", None), settings.pop("max_batch", False)
     steps, batch_size = settings.pop("steps", 3), settings.pop("batch_size", 4)
     question_words, answer_words = settings.pop("question_words", 60), settings.pop("answer_words", 8)
     parts = {part: {**spec, **settings.pop(f"{part}_overrides", {})} for part, spec in MID_MODEL.items()}
+    if search and device != "cuda":
+        raise NvilaError(f"'{name}' searches the largest batch by running CUDA out of memory: it needs a CUDA GPU.")
     module = NvilaModule(**parts, **settings)
     if vocab:
         module.model.llm.resize_vocab(vocab)
     module.to(device)
     optimizer = torch.optim.AdamW(module.parameter_groups())
-    batch = _batch(module.model, batch_size, question_words, answer_words)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    tokens = int(batch["attention_mask"].sum())
     module.train()
     autocast = module.precision_backend.lightning_precision == "bf16-mixed"  # what Lightning's plugin does
 
-    def step() -> None:
+    def make_batch(size: int) -> dict[str, Any]:
+        batch = _batch(module.model, size, question_words, answer_words)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def step(batch: dict[str, Any]) -> None:
         with torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             out = module.model(**batch, loss=module.hparams.loss, loss_chunk_size=module.hparams.loss_chunk_size)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def fits(size: int) -> bool:
+        try:
+            step(make_batch(size))
+            return True
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    if search:
+        batch_size = largest_fitting(fits)
+        if batch_size == 0:
+            raise NvilaError(f"'{name}': not even a batch of one sample fits in this GPU's memory.")
+    batch = make_batch(batch_size)
+    tokens = int(batch["attention_mask"].sum())
     _release_freed_memory()  # what model building freed must not count as training memory
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with PeakSampler() as sampler:
-        step()  # warm-up: allocates gradients and optimizer state
+        step(batch)  # warm-up: allocates gradients and optimizer state
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            step()
+            step(batch)
+        _synchronize(device)
         seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else sampler.peak - baseline
     params = list(module.model.parameters())
     return Result(name, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),
-                  round(peak, 1), round(seconds, 3), round(tokens / seconds, 1))
+                  round(peak, 1), round(seconds, 3), round(tokens / seconds, 1), batch_size)
+
+
+def _synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that wall-clock time covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 PEFT = {"peft": {"lora": {"r": 16}, "vision": "layernorm"}, "lr_multipliers": {"encoder": 0.1}}
@@ -152,6 +203,17 @@ LONG_SFT = {"vocab_size": 151936, "question_words": 800, "answer_words": 200, "s
             "lr_multipliers": {"encoder": 0.1},  # the SFT stage's settings
             "llm_overrides": {"hidden_size": 512, "intermediate_size": 1408, "num_layers": 8, "num_heads": 8,
                               "num_kv_heads": 2}}
+
+# On a GPU: NVILA-Lite-2B's shapes (SigLIP so400m on 448 px tiles, a Qwen2-1.5B language model), long SFT
+# samples, the chunked loss: the sizes at which FP8's faster matmuls and smaller saved inputs show.
+GPU_SFT = {"encoder_overrides": {"image_size": 448, "patch_size": 14, "hidden_size": 1152, "intermediate_size": 4304,
+                                 "num_layers": 27, "num_heads": 16, "feature_layer": -2},
+           "llm_overrides": {"hidden_size": 1536, "intermediate_size": 8960, "num_layers": 28, "num_heads": 12,
+                             "num_kv_heads": 2},
+           "vocab_size": 151936, "question_words": 800, "answer_words": 200, "loss": "chunked", "steps": 5}
+FP8 = {"precision": {"name": "fp8"}}
+GPU_SUITES = {"fp8"}
+"""Suites that need an NVIDIA GPU with compute capability 8.9 or higher."""
 
 # A configuration compares against the one named by "compare_to", else against its suite's first.
 SUITES: dict[str, dict[str, dict[str, Any]]] = {
@@ -188,6 +250,17 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
         "gradient checkpointing": {**LONG_SFT, **CHECKPOINTING},
         "chunked loss + gradient checkpointing": {**LONG_SFT, **CHECKPOINTING, "loss": "chunked"},
     },
+    # FP8 training against bf16 (the paper: about 2x faster, batch 4 -> 16): at one batch size, then at the
+    # largest batch each trains without running out of GPU memory.
+    "fp8": {
+        "bf16 mixed": {**GPU_SFT, **BF16},
+        "fp8 (tensorwise scaling)": {**GPU_SFT, **FP8, "compare_to": "bf16 mixed"},
+        "fp8 (rowwise scaling)": {**GPU_SFT, "precision": {"name": "fp8", "recipe": "rowwise"},
+                                  "compare_to": "bf16 mixed"},
+        "bf16 mixed, largest batch": {**GPU_SFT, **BF16, "max_batch": True},
+        "fp8 (tensorwise), largest batch": {**GPU_SFT, **FP8, "max_batch": True,
+                                            "compare_to": "bf16 mixed, largest batch"},
+    },
     "memory-savers": {
         "standard loss": {"vocab_size": 151936},
         "chunked loss": {"vocab_size": 151936, "loss": "chunked"},
@@ -200,6 +273,12 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
 
 def run_suite(suite: str) -> list[Result]:
     """Every configuration of a suite, each in its own process."""
+    from quant.fp8 import fp8_capable_gpu
+
+    if suite in GPU_SUITES and fp8_capable_gpu() is None:
+        found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+        raise NvilaError(f"nvila bench {suite} compares FP8 with bf16 training and needs an NVIDIA GPU with compute "
+                         f"capability 8.9 or higher (L4, L40, H100, H200, B200); this machine has {found}.")
     results = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}  # freed blocks go back to the OS at once
     for name in SUITES[suite]:
@@ -217,13 +296,13 @@ def markdown(suite: str, results: list[Result]) -> str:
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
     lines = [f"`nvila bench {suite}` on {machine}, torch {torch.__version__}", "",
-             "| configuration | trainable params | peak memory (MB) | step (s) | tokens/s | against | memory "
-             "| speed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| configuration | trainable params | batch | peak memory (MB) | step (s) | tokens/s | against | memory "
+             "| speed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         base = by_name[SUITES[suite][r.name].get("compare_to", results[0].name)]
         against = "" if base is r else f"{base.name} | {base.peak_memory_mb / r.peak_memory_mb:.2f}x less | " \
             f"{base.step_seconds / r.step_seconds:.2f}x"
-        lines.append(f"| {r.name} | {r.trainable_params / 1e6:.1f}M of {r.total_params / 1e6:.1f}M | "
+        lines.append(f"| {r.name} | {r.trainable_params / 1e6:.1f}M of {r.total_params / 1e6:.1f}M | {r.batch_size} | "
                      f"{r.peak_memory_mb:.0f} | {r.step_seconds:.2f} | {r.tokens_per_second:.0f} | "
                      f"{against or ' | | '} |")
     return "\n".join(lines)
