@@ -12,9 +12,10 @@ import logging
 from typing import Any
 
 import lightning as L
+from torch.utils.data import DataLoader
 
 from nvila_core.data.packing import Batching, as_formed, model_inputs
-from nvila_core.data.shards import EpochStream, InStepLoader, ResumableLoader, find_shards
+from nvila_core.data.shards import EpochStream, ResumableLoader, find_shards
 from nvila_core.data.skips import DataHealth
 from nvila_core.data.video import VideoSampling
 from nvila_core.errors import NvilaError
@@ -72,16 +73,23 @@ class NvilaDataModule(L.LightningDataModule):
                         self.hparams.pack_tokens if packing else None)
 
     def train_dataloader(self) -> ResumableLoader:
+        ranks = self.trainer.world_size
+        if len(self.train_shards) % ranks:
+            log.warning("data.train has %d shards for %d ranks: ranks get unequal shares, and each epoch ends when "
+                        "the smallest share does (the others' last batches are left out of it). Use a multiple of "
+                        "%d shards (nvila data convert --shard-size) to train on every sample each epoch.",
+                        len(self.train_shards), ranks, ranks)
         stream = EpochStream(self.train_shards, self._model.processor, self.hparams.shuffle_buffer,
                              self.hparams.seed, self._batching(self.hparams.packing), self.video)
         return ResumableLoader(stream, batch_size=None, collate_fn=as_formed,
                                num_workers=self._workers(self.train_shards))
 
-    def val_dataloader(self) -> InStepLoader | list:
+    def val_dataloader(self) -> DataLoader | list:
         if not self.val_shards:
             return []
         workers = self._workers(self.val_shards)
-        # fewer shards than ranks would leave a rank without validation data: then every rank reads them all
+        # Validation runs no collective per batch, so ranks may hold different numbers of batches; but each
+        # needs some (metrics are synchronised at the end): with fewer shards than ranks, every rank reads all.
         split = len(self.val_shards) >= self.trainer.world_size
         if not split:
             log.info("data.val has %d shard(s) for %d ranks: every rank validates on all of them",
@@ -89,8 +97,8 @@ class NvilaDataModule(L.LightningDataModule):
         # validation batches are padded: per-sample metrics (exact match) read rows as samples
         stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video,
                              split_by_rank=split)
-        return InStepLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
-                            persistent_workers=workers > 0)
+        return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
+                          persistent_workers=workers > 0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the batch's skip records (training only) and return the model's inputs alone."""

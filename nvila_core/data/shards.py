@@ -10,6 +10,7 @@ training goes on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -197,6 +198,13 @@ class EpochStream(IterableDataset):
             yield from (item for item in items if isinstance(item, Encoded))
 
 
+@functools.cache
+def _cpu_group() -> Any:
+    """The process group for the per-batch flag: gloo, on CPU memory, so that agreeing never waits behind a
+    GPU's queued work (NCCL would). Made once, by every rank alike, when the first epoch starts."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
     """``batches`` for as long as every distributed rank still has a batch; all ranks stop together.
 
@@ -208,12 +216,11 @@ def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield from batches
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    end = object()
+    group, end = _cpu_group(), object()
     while True:
         batch = next(batches, end)
-        have = torch.tensor([batch is not end], dtype=torch.int32, device=device)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        have = torch.tensor([batch is not end], dtype=torch.int32)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
         if not have.item():
             if batch is not end:
                 log.info("rank %d ends its epoch with batches left: another rank's share ran out first",
@@ -222,19 +229,13 @@ def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
         yield batch
 
 
-class InStepLoader(DataLoader):
-    """A DataLoader whose epochs end at the same batch on every distributed rank."""
-
-    def __iter__(self) -> Iterator[Any]:
-        return while_every_rank_has_one(super().__iter__())
-
-
-class ResumableLoader(InStepLoader):
-    """An :class:`InStepLoader` over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
 
     Lightning saves ``state_dict()`` in its checkpoints and hands it back on ``--ckpt_path``; the loader
     then replays the epoch's stream and skips the batches the interrupted run had already trained on, so
-    a resumed run sees exactly the batches an uninterrupted one would have.
+    a resumed run sees exactly the batches an uninterrupted one would have. Under DDP every rank ends the
+    epoch at the same batch (:func:`while_every_rank_has_one`).
     """
 
     PREFETCHED = 1
@@ -246,14 +247,14 @@ class ResumableLoader(InStepLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch  # copied into the workers when they start
-        batches = super().__iter__()
+        batches = while_every_rank_has_one(super().__iter__())
         self._yielded = 0
         for _ in range(self._skip):
             if next(batches, None) is None:
                 break
             self._yielded += 1
         self._skip = 0
-        for batch in while_every_rank_has_one(batches):
+        for batch in batches:
             self._yielded += 1
             yield batch
         self.epoch, self._yielded = self.epoch + 1, 0  # between epochs: the next one starts from its beginning

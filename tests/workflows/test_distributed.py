@@ -49,7 +49,7 @@ def fit_with_two_processes(data, root, tiny_overrides, *extra):
     assert out.returncode == 0, log[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert list(root.rglob("checkpoint/model.safetensors"))
-    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"), log
 
 
 def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, tmp_path):
@@ -61,6 +61,7 @@ def test_ddp_ranks_with_uneven_shares_end_each_epoch_together(tmp_path, tiny_ove
     data = tmp_path / "data"
     write_split(data / "train", 36, seed=9, image_size=32, shard_size=12)  # 3 shards: 24 samples and 12
     write_split(data / "val", 8, seed=10, image_size=32, shard_size=8)  # 1 shard: every rank reads it
-    state = fit_with_two_processes(data, tmp_path / "run", tiny_overrides, "--trainer.max_epochs=2")
+    state, log = fit_with_two_processes(data, tmp_path / "run", tiny_overrides, "--trainer.max_epochs=2")
+    assert "data.train has 3 shards for 2 ranks: ranks get unequal shares" in log
     # (ranks that ended apart used to crash in mismatched gloo collectives)
     assert state["epoch"] == 2 and state["global_step"] == 2 * 3  # each epoch: the short rank's 3 batches
