@@ -156,9 +156,12 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
 
     def fits(size: int) -> bool:
         try:
-            step(make_batch(size))
+            for _ in range(2):  # the second step also holds the optimizer state the first one created
+                step(make_batch(size))
             return True
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(exc):
+                raise
             optimizer.zero_grad(set_to_none=True)
             return False
         finally:

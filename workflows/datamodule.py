@@ -107,8 +107,10 @@ class NvilaDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             self.health.update(batch["num_samples"], batch["skipped"])
             self.health.check()
-        model = self._model
-        return model_inputs(batch, model.llm, next(model.parameters()).dtype)
+        # packed rows' additive masks take the dtype of the language model's hidden states: that of its first
+        # parameter, the input embeddings (which frozen_in_bf16 leaves alone), as transformers' `.dtype` reads it
+        llm = self._model.llm
+        return model_inputs(batch, llm, next(llm.parameters()).dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"health": self.health.state_dict()}

@@ -89,8 +89,20 @@ def apply_peft(model: NvilaModel, settings: PeftSettings) -> None:
 
 
 def merge_lora(model: NvilaModel) -> None:
-    """Fold LoRA adapters into the base weights (for export); a no-op without adapters."""
-    from peft import PeftModel
+    """Fold LoRA adapters into the base weights (for export); a no-op without adapters.
 
-    if isinstance(model.llm.model, PeftModel):
-        model.llm.model = model.llm.model.merge_and_unload()
+    A base weight stored in lower precision than its adapters (bf16 under ``frozen_in_bf16``) is first
+    raised to the adapters' dtype: the fine-tuning's small updates would otherwise round away in the merge.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model.llm.model, PeftModel):
+        return
+    for layer in model.llm.model.modules():
+        if isinstance(layer, LoraLayer) and layer.lora_A:
+            base = layer.get_base_layer()
+            adapter_dtype = next(iter(layer.lora_A.values())).weight.dtype
+            if base.weight.dtype.itemsize < adapter_dtype.itemsize:
+                base.to(adapter_dtype)
+    model.llm.model = model.llm.model.merge_and_unload()

@@ -38,6 +38,7 @@ def test_frozen_weights_in_bf16_change_no_result_under_autocast(registry, tiny_s
                                       "train_projector": False}))
         build("precision", {"name": "bf16", "frozen_in_bf16": frozen_in_bf16}, registry).prepare(model)
         models.append(model.train())
+    assert any(p.dtype == torch.bfloat16 for p in models[1].parameters())  # the comparison compares something
     batch = conversation_batch(models[0])
     (loss_fp32, grads_fp32), (loss_bf16, grads_bf16) = (peft_step(m, batch) for m in models)
     assert torch.equal(loss_fp32, loss_bf16)

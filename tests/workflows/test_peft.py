@@ -56,3 +56,19 @@ def test_bad_peft_settings_are_reported_with_their_keys():
         parse_peft({"vision": "norms"})
     with pytest.raises(NvilaError, match="Key 'rank' not in 'LoraSettings'"):
         parse_peft({"lora": {"rank": 4}})
+
+
+def test_adapters_merge_into_bf16_frozen_weights_without_rounding_away(model, registry):
+    from quant.full_precision import BF16, BF16Config
+
+    apply_peft(model, parse_peft({"lora": {"r": 4}}))
+    BF16(BF16Config(frozen_in_bf16=True)).prepare(model)
+    q_proj = model.llm.model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(q_proj.lora_B["default"].weight, std=1e-4)  # a fine-tuning-sized update
+    base = q_proj.base_layer.weight.detach().clone()
+    assert base.dtype == torch.bfloat16
+    expected = base.float() + q_proj.get_delta_weight("default")
+    merge_lora(model)
+    merged = model.llm.model.model.layers[0].self_attn.q_proj.weight
+    assert merged.dtype == torch.float32 and torch.equal(merged, expected)
+    assert (expected.bfloat16().float() == base.float()).float().mean() > 0.1  # a bf16 merge would lose them

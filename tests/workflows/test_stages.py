@@ -52,8 +52,9 @@ def test_peft_with_frozen_weights_in_bf16_exports_a_plain_checkpoint(synth_data,
                    *tiny_args(synth_data, tiny_overrides, tmp_path), "--model.lr=1e-2",
                    "--model.precision={name: bf16, frozen_in_bf16: true}"])
     assert cli.trainer.precision == "bf16-mixed"
-    trained = cli.model.model  # adapters merged into the bf16 base weights on export
-    assert trained.llm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    trained = cli.model.model  # after export: adapters merged into their base weights, raised to fp32
+    assert trained.llm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert trained.encoder.vision.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16  # frozen, no adapter
     assert trained.projector[0].weight.dtype == torch.float32  # trained: fp32 master weights
     model = load_checkpoint(cli.export.path)
     assert all(p.dtype == torch.float32 for p in model.parameters())
