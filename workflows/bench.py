@@ -1,11 +1,12 @@
 """``nvila bench``: training memory and speed, measured side by side in one run.
 
-Each configuration runs in a fresh subprocess, so peak memory is its own: on a CPU the figure is the
-peak resident memory during training steps (sampled every few milliseconds) above the process's
-footprint before the model was built, so it counts weights, gradients, optimizer state and activations;
-on a GPU it is ``torch.cuda.max_memory_allocated``. The subprocesses run with a fixed glibc mmap
-threshold: by default glibc keeps large freed blocks (activations of the last step) in its heap, where
-resident memory counts them as if still in use, which inflated small configurations by up to 0.5 GB.
+Each configuration runs in a fresh subprocess, so peak memory is its own. On a GPU the figure is
+``torch.cuda.max_memory_allocated``. On a CPU it is the CPU's counterpart: the peak of the heap bytes in use
+(glibc's ``mallinfo2``, sampled every few milliseconds during the training steps) above the process's
+heap before the model was built, so it counts weights, gradients, optimizer state and activations.
+Resident memory would also count freed blocks that glibc keeps for reuse (up to 0.5 GB of the last
+step's activations here), and forcing glibc to return them (a fixed mmap threshold) slows every step by
+page faults; so resident memory is only the fallback where glibc is not the allocator.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -55,14 +55,36 @@ class Result:
     batch_size: int = 4
 
 
-def _rss_mb() -> float:
-    """Current resident memory of this process."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _glibc_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2  # glibc 2.33 and later
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+MEMORY_GAUGE = "heap in use (glibc mallinfo2)" if _MALLINFO2 else "resident memory"
+
+
+def _memory_mb() -> float:
+    """Heap bytes in use (allocated and not yet freed) by this process; resident memory without glibc."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return (info.uordblks + info.hblkhd) / 2**20  # in the heaps' chunks + in mmapped chunks
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _release_freed_memory() -> None:
-    """Hand memory freed so far back to the OS (glibc keeps it otherwise, and resident memory counts it)."""
+    """Hand memory freed so far back to the OS (for the resident-memory fallback, which counts it)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -71,15 +93,15 @@ def _release_freed_memory() -> None:
 
 
 class PeakSampler:
-    """Samples resident memory on a background thread; ``peak`` is the largest value seen."""
+    """Samples :func:`_memory_mb` on a background thread; ``peak`` is the largest value seen."""
 
     def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak, self._stop = interval, _rss_mb(), threading.Event()
+        self.interval, self.peak, self._stop = interval, _memory_mb(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, _memory_mb())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakSampler:
@@ -89,7 +111,7 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, _memory_mb())
 
 
 def _batch(model: Any, batch_size: int, question_words: int, answer_words: int) -> dict[str, Any]:
@@ -127,7 +149,7 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    baseline = _rss_mb()
+    baseline = _memory_mb()
     settings.pop("compare_to", None)
     vocab, search = settings.pop("vocab_size", None), settings.pop("max_batch", False)
     steps, batch_size = settings.pop("steps", 3), settings.pop("batch_size", 4)
@@ -283,10 +305,9 @@ def run_suite(suite: str) -> list[Result]:
         raise NvilaError(f"nvila bench {suite} compares FP8 with bf16 training and needs an NVIDIA GPU with compute "
                          f"capability 8.9 or higher (L4, L40, H100, H200, B200); this machine has {found}.")
     results = []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}  # freed blocks go back to the OS at once
     for name in SUITES[suite]:
         out = subprocess.run([sys.executable, "-m", "workflows.bench", suite, name], capture_output=True,
-                             text=True, check=False, env=env)
+                             text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"benchmark '{name}' failed:\n{out.stderr[-2000:]}")
         results.append(Result(**json.loads(out.stdout.strip().splitlines()[-1])))
@@ -298,7 +319,8 @@ def markdown(suite: str, results: list[Result]) -> str:
     by_name = {r.name: r for r in results}
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    lines = [f"`nvila bench {suite}` on {machine}, torch {torch.__version__}", "",
+    gauge = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else MEMORY_GAUGE
+    lines = [f"`nvila bench {suite}` on {machine}, torch {torch.__version__}; peak memory: {gauge}", "",
              "| configuration | trainable params | batch | peak memory (MB) | step (s) | tokens/s | against | memory "
              "| speed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
