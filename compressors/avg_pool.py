@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from compressors.grid import check_ratio, merged_grid
-from nvila_core.interfaces import Compressor
+from nvila.compressors.grid import check_ratio, merged_grid
+from nvila.core.interfaces import Compressor
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nvila_core.interfaces import Compressor
+from nvila.core.interfaces import Compressor
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import Compressor
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import Compressor
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Registers the built-in compressors (spatial and temporal) and projectors."""
 
-from compressors.avg_pool import AveragePool, AvgPoolConfig
-from compressors.identity import IdentityCompressor, IdentityConfig
-from compressors.perceiver import PerceiverConfig, PerceiverResampler
-from compressors.projector import (
+from nvila.compressors.avg_pool import AveragePool, AvgPoolConfig
+from nvila.compressors.identity import IdentityCompressor, IdentityConfig
+from nvila.compressors.perceiver import PerceiverConfig, PerceiverResampler
+from nvila.compressors.projector import (
     LinearProjectorConfig,
     MLP3x3ProjectorConfig,
     MLPProjectorConfig,
@@ -11,11 +11,11 @@ from compressors.projector import (
     mlp_3x3_projector,
     mlp_projector,
 )
-from compressors.stc import SpatialToChannel, STCConfig
-from compressors.temporal import TemporalAverage, TemporalAverageConfig
-from compressors.tokenlearner import TokenLearner, TokenLearnerConfig
-from nvila_core import hookimpl
-from nvila_core.registry import Registrar
+from nvila.compressors.stc import SpatialToChannel, STCConfig
+from nvila.compressors.temporal import TemporalAverage, TemporalAverageConfig
+from nvila.compressors.tokenlearner import TokenLearner, TokenLearnerConfig
+from nvila.core import hookimpl
+from nvila.core.registry import Registrar
 
 
 @hookimpl

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nvila_core.interfaces import TEMPORAL_STAGES, TemporalCompressor
+from nvila.core.interfaces import TEMPORAL_STAGES, TemporalCompressor
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import Compressor
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import Compressor
 
 
 @dataclass

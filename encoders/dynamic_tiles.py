@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
-from encoders.s2 import Grid, _single_tile_size, check_base, check_chunk_size
-from encoders.tiling import closest_grid
-from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
-from nvila_core.specs import build
+from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
+from nvila.core.specs import build
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
+from nvila.encoders.s2 import Grid, _single_tile_size, check_base, check_chunk_size
+from nvila.encoders.tiling import closest_grid
 
 
 @dataclass

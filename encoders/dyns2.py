@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS
-from encoders.s2 import Grid, S2Encoder, S2Processor, check_base, check_chunk_size, check_scales
-from encoders.tiling import closest_grid
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import ImageProcessor
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS
+from nvila.encoders.s2 import Grid, S2Encoder, S2Processor, check_base, check_chunk_size, check_scales
+from nvila.encoders.tiling import closest_grid
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
-from nvila_core.interfaces import VisionEncoder
+from nvila.core.interfaces import VisionEncoder
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
 
 
 @dataclass

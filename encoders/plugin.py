@@ -1,13 +1,13 @@
 """Registers the built-in encoders, through the same hook a third-party package uses."""
 
-from encoders.dynamic_tiles import DynamicTilesConfig, DynamicTilesEncoder
-from encoders.dyns2 import DynS2Config, DynS2Encoder
-from encoders.patches import PatchesConfig, PatchesEncoder
-from encoders.s2 import S2Config, S2Encoder
-from encoders.siglip import SiglipConfig, SiglipEncoder
-from encoders.timm_vit import TimmViTConfig, TimmViTEncoder
-from nvila_core import hookimpl
-from nvila_core.registry import Registrar
+from nvila.core import hookimpl
+from nvila.core.registry import Registrar
+from nvila.encoders.dynamic_tiles import DynamicTilesConfig, DynamicTilesEncoder
+from nvila.encoders.dyns2 import DynS2Config, DynS2Encoder
+from nvila.encoders.patches import PatchesConfig, PatchesEncoder
+from nvila.encoders.s2 import S2Config, S2Encoder
+from nvila.encoders.siglip import SiglipConfig, SiglipEncoder
+from nvila.encoders.timm_vit import TimmViTConfig, TimmViTEncoder
 
 
 @hookimpl

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Pillow's own decompression-bomb threshold (about 89.5 megapixels): a sane default pixel limit."""

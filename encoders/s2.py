@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
-from encoders.tiling import merge_blocks
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
-from nvila_core.specs import as_dict, build
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
+from nvila.core.specs import as_dict, build
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
+from nvila.encoders.tiling import merge_blocks
 
 Grid = tuple[int, int]
 
@@ -43,8 +43,8 @@ def check_scales(scales: list[int]) -> None:
 
 def check_base(base: dict[str, Any]) -> None:
     """The base spec names a registered encoder and validates against its config (ValueError otherwise)."""
-    from nvila_core.plugins import default_registry
-    from nvila_core.specs import resolve
+    from nvila.core.plugins import default_registry
+    from nvila.core.specs import resolve
 
     try:
         resolve("encoder", as_dict(base), default_registry())

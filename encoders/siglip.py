@@ -18,9 +18,9 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import VisionEncoder
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import VisionEncoder
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
 
 
 @dataclass

@@ -20,9 +20,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import VisionEncoder
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import VisionEncoder
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
 
 
 @dataclass

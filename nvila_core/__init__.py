@@ -10,7 +10,7 @@ import logging
 # constants that torch 2.14 warns about on every start. The warning is not ours to act on.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from nvila_core.errors import NvilaError  # noqa: E402
-from nvila_core.hookspecs import hookimpl  # noqa: E402
+from nvila.core.errors import NvilaError  # noqa: E402
+from nvila.core.hookspecs import hookimpl  # noqa: E402
 
 __all__ = ["NvilaError", "hookimpl"]

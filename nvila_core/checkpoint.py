@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.registry import Registry
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.registry import Registry
 
 SPEC_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "spec.yaml", "model.safetensors", "tokenizer"
 

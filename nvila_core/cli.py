@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -104,15 +104,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plugins(describe: str | None) -> None:
-    from nvila_core.plugins import default_plugins
-    from nvila_core.registry import KINDS
-    from nvila_core.specs import describe as describe_component
+    from nvila.core.plugins import default_plugins
+    from nvila.core.registry import KINDS
+    from nvila.core.specs import describe as describe_component
 
     loaded = default_plugins()
     if describe:
         found = loaded.registry.find(describe)
         if not found:
-            from nvila_core.registry import did_you_mean
+            from nvila.core.registry import did_you_mean
 
             names = sorted({c.name for c in loaded.registry})
             raise NvilaError(f"No component named '{describe}'.{did_you_mean(describe, names)} "
@@ -136,8 +136,8 @@ def _plugins(describe: str | None) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from PIL import Image, UnidentifiedImageError
 
-    from nvila_core.checkpoint import load_checkpoint
-    from nvila_core.processor import collate
+    from nvila.core.checkpoint import load_checkpoint
+    from nvila.core.processor import collate
 
     try:
         image = Image.open(args.image)
@@ -154,8 +154,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
-    from nvila_core.planning import Planner, format_plan, model_spec_from_recipe
-    from workflows.cli import recipe_path
+    from nvila.core.planning import Planner, format_plan, model_spec_from_recipe
+    from nvila.workflows.cli import recipe_path
 
     bad = [o for o in overrides if not o.startswith("--model.") or "=" not in o]
     if bad:
@@ -178,7 +178,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def run(argv: list[str]) -> None:
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from workflows.cli import run_cli
+        from nvila.workflows.cli import run_cli
 
         run_cli(argv)
         return
@@ -191,25 +191,25 @@ def run(argv: list[str]) -> None:
     if extra and args.command != "sweep":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        from workflows.demo import run_demo
+        from nvila.workflows.demo import run_demo
 
         run_demo(args.out, args.train_samples, args.val_samples)
     elif args.command == "plugins":
         _plugins(args.describe)
     elif args.command == "data" and args.data_command == "convert":
-        from nvila_core.data.convert import REPORT_FILE, convert_llava
+        from nvila.core.data.convert import REPORT_FILE, convert_llava
 
         report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source)
         print(report.summary())
         print(f"report: {Path(args.out) / REPORT_FILE}")
     elif args.command == "data":
-        from nvila_core.data.synthetic import write_dataset
+        from nvila.core.data.synthetic import write_dataset
 
         splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
         for split, shards in splits.items():
             print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
     elif args.command == "prune":
-        from workflows.prune import run_prune
+        from nvila.workflows.prune import run_prune
 
         result = run_prune(args.pruner, args.keep, args.inp, args.out, small_ckpt=args.small_ckpt,
                            large_ckpt=args.large_ckpt, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -217,21 +217,21 @@ def run(argv: list[str]) -> None:
         if result is not None:
             print(result.summary())
     elif args.command == "eval":
-        from nvila_core.checkpoint import load_checkpoint
-        from nvila_core.data.shards import find_shards
-        from workflows.evaluate import evaluate
+        from nvila.core.checkpoint import load_checkpoint
+        from nvila.core.data.shards import find_shards
+        from nvila.workflows.evaluate import evaluate
 
         shards = find_shards(args.shards)
         result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
         print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
     elif args.command == "bench":
-        from workflows.bench import markdown, run_suite
+        from nvila.workflows.bench import markdown, run_suite
 
         print(markdown(args.suite, run_suite(args.suite)))
     elif args.command == "generate":
         _generate(args)
     elif args.command == "sweep":
-        from workflows.sweep import run_sweep
+        from nvila.workflows.sweep import run_sweep
 
         if args.collect and not args.out:
             raise NvilaError("--collect reads the runs of an earlier sweep: give its --out folder.")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from nvila_core.registry import Registrar
+    from nvila.core.registry import Registrar
 
 PROJECT = "nvila"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nvila_core.errors import NvilaError
-from nvila_core.processor import IGNORE_INDEX
+from nvila.core.errors import NvilaError
+from nvila.core.processor import IGNORE_INDEX
 
 LOSSES = ("standard", "chunked", "fused")
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import TemporalCompressor
-from nvila_core.losses import LOSSES, chunked_loss, fused_loss, standard_loss
-from nvila_core.processor import IMAGE_TOKEN, VIDEO_TOKEN, NvilaProcessor
-from nvila_core.registry import Registry
-from nvila_core.specs import as_dict, build, validate_all
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import TemporalCompressor
+from nvila.core.losses import LOSSES, chunked_loss, fused_loss, standard_loss
+from nvila.core.processor import IMAGE_TOKEN, VIDEO_TOKEN, NvilaProcessor
+from nvila.core.registry import Registry
+from nvila.core.specs import as_dict, build, validate_all
 
 MODEL_PARTS = ("encoder", "compressor", "temporal", "projector", "llm")
 
@@ -115,7 +115,7 @@ class NvilaModel(nn.Module):
             raise NvilaError(
                 f"{self._compressor_origin} broke its shape contract: blocks {tuple(blocks.shape)} became tokens "
                 f"{tuple(tokens.shape)}, but its output_shape promised (M, {self._token_shape[0]}, "
-                f"{self._token_shape[1]}). Its author can find this with nvila_core.testing.check_distribution.")
+                f"{self._token_shape[1]}). Its author can find this with nvila.core.testing.check_distribution.")
         return tokens
 
     def video_tokens(self, frames: torch.Tensor, video_grids: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -170,7 +170,7 @@ class NvilaModel(nn.Module):
         """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor.
 
         ``attention_mask`` is (B, L) for padded batches, or (B, 1, L, L) additive for packed ones, which also
-        pass ``position_ids`` (B, L) restarting at each packed sample (see ``nvila_core.data.packing``).
+        pass ``position_ids`` (B, L) restarting at each packed sample (see ``nvila.core.data.packing``).
         """
         embeds = self.embed(input_ids, pixels, grids or [], videos, video_grids)
         if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.is_floating_point():
@@ -207,7 +207,7 @@ class NvilaModel(nn.Module):
 def _origin(kind: str, spec: dict[str, Any], registry: Registry | None) -> str:
     """``compressor 'stc' from nvila 0.1.0``: which distribution built a part, for error messages."""
     if registry is None:
-        from nvila_core.plugins import default_registry
+        from nvila.core.plugins import default_registry
 
         registry = default_registry()
     return registry.get(kind, spec["name"]).origin

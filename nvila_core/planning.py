@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import MODEL_PARTS, ModelSpec, NvilaModel
-from nvila_core.registry import Registry
+from nvila.core.errors import NvilaError
+from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
+from nvila.core.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
-from nvila_core.errors import PluginLoadError
-from nvila_core.hookspecs import PROJECT, NvilaHookSpecs
-from nvila_core.registry import Registry
+from nvila.core.errors import PluginLoadError
+from nvila.core.hookspecs import PROJECT, NvilaHookSpecs
+from nvila.core.registry import Registry
 
 log = logging.getLogger(__name__)
 GROUP = "nvila"

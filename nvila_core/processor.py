@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import ImageProcessor
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import ImageProcessor
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila_core.losses import shift_labels
-from nvila_core.processor import IGNORE_INDEX
+from nvila.core.losses import shift_labels
+from nvila.core.processor import IGNORE_INDEX
 
 
 @dataclass

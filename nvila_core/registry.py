@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
 
 KINDS: dict[str, str] = {
     "encoder": "pixels -> feature grids; owns its preprocessing",

@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nvila_core.errors import NvilaError, SpecError
-from nvila_core.registry import Component, Registry, did_you_mean
+from nvila.core.errors import NvilaError, SpecError
+from nvila.core.registry import Component, Registry, did_you_mean
 
 IMPORT_PATH_KEYS = ("_target_", "class_path", "init_args", "_partial_")
 
@@ -102,7 +102,7 @@ def build(kind: str, spec: Any, registry: Registry | None = None, **context: Any
 
 
 def _default_registry() -> Registry:
-    from nvila_core.plugins import default_registry
+    from nvila.core.plugins import default_registry
 
     return default_registry()
 

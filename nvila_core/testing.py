@@ -2,7 +2,7 @@
 
 In a plugin package's own test suite::
 
-    from nvila_core.testing import check_distribution
+    from nvila.core.testing import check_distribution
 
     def test_my_plugin_meets_the_contract():
         assert check_distribution("my-nvila-plugin") == ["compressor:my-pool"]
@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from nvila_core.interfaces import (
+from nvila.core.interfaces import (
     TEMPORAL_STAGES,
     Compressor,
     LanguageModel,
@@ -41,14 +41,14 @@ from nvila_core.interfaces import (
     TemporalCompressor,
     VisionEncoder,
 )
-from nvila_core.registry import Component, Registry
-from nvila_core.specs import resolve, to_spec
+from nvila.core.registry import Component, Registry
+from nvila.core.specs import resolve, to_spec
 
 CHECKS: dict[str, str] = {
     "config defaults": "the config dataclass builds with no arguments (every field has a default)",
     "config round-trip": "to_spec -> resolve gives back an equal config",
     "build from defaults": "the factory builds the component from the default config",
-    "interface": "the component subclasses its kind's interface in nvila_core.interfaces",
+    "interface": "the component subclasses its kind's interface in nvila.core.interfaces",
     "forward on tiny CPU inputs": "forward runs on a small CPU input without raising",
     "shape contract": "outputs have the layout the kind's interface states",
     "token accounting": "sizes announced before the run (output_shape, output_frames, processor().plan) match "
@@ -250,13 +250,13 @@ TINY_MODEL = {
 
 
 def _check_pruner(component: Component, config: object, registry: Registry) -> None:
-    from nvila_core.model import NvilaModel
-    from nvila_core.processor import collate
-    from nvila_core.pruning import Pruner, ScoringBatch
+    from nvila.core.model import NvilaModel
+    from nvila.core.processor import collate
+    from nvila.core.pruning import Pruner, ScoringBatch
 
     with _check(component, "build from defaults"):
         pruner = component.factory(config)
-    _expect(isinstance(pruner, Pruner), component, "interface", "a pruner must subclass nvila_core.pruning.Pruner")
+    _expect(isinstance(pruner, Pruner), component, "interface", "a pruner must subclass nvila.core.pruning.Pruner")
     _expect(isinstance(pruner.models, tuple) and all(isinstance(r, str) for r in pruner.models), component,
             "interface", "models must be a tuple of role names, e.g. ('small', 'large')")
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def check_distribution(distribution: str, registry: Registry | None = None) -> l
     do not fail this check: they are not the distribution under test.
     """
     if registry is None:
-        from nvila_core.plugins import load_plugins
+        from nvila.core.plugins import load_plugins
 
         loaded = load_plugins(strict=False)
         registry = loaded.registry

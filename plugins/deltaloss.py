@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.pruning import Pruner, ScoringBatch, answer_losses
+from nvila.core.pruning import Pruner, ScoringBatch, answer_losses
 
 REDUCTIONS = ("mean", "sum")
 

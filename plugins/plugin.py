@@ -1,10 +1,10 @@
 """Registers the built-in language backbones and data pruners."""
 
-from nvila_core import hookimpl
-from nvila_core.registry import Registrar
-from plugins.deltaloss import DeltaLossConfig, DeltaLossPruner
-from plugins.qwen2 import Qwen2LM, Qwen2LMConfig
-from plugins.random_pruning import RandomPruner, RandomPrunerConfig
+from nvila.core import hookimpl
+from nvila.core.registry import Registrar
+from nvila.plugins.deltaloss import DeltaLossConfig, DeltaLossPruner
+from nvila.plugins.qwen2 import Qwen2LM, Qwen2LMConfig
+from nvila.plugins.random_pruning import RandomPruner, RandomPrunerConfig
 
 
 @hookimpl

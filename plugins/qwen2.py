@@ -15,10 +15,10 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import LanguageModel
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import LanguageModel
 
-TINY_TOKENIZER = str(files("plugins") / "assets" / "tiny-tokenizer")
+TINY_TOKENIZER = str(files("nvila.plugins") / "assets" / "tiny-tokenizer")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.pruning import Pruner, ScoringBatch
+from nvila.core.pruning import Pruner, ScoringBatch
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.errors import NvilaError
-from nvila_core.interfaces import PrecisionBackend
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import PrecisionBackend
 
 log = logging.getLogger(__name__)
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -72,7 +72,7 @@ class FP8Training(PrecisionBackend):
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        from quant._torchao import Float8LinearConfig, convert_to_float8_training
+        from nvila.quant._torchao import Float8LinearConfig, convert_to_float8_training
 
         config = Float8LinearConfig.from_recipe_name(self.config.recipe)
         if self.config.emulate:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvila_core.interfaces import PrecisionBackend
+from nvila.core.interfaces import PrecisionBackend
 
 # Layers whose weights autocast casts to bf16 at every use: storing a frozen one in bf16 changes no result.
 AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -1,9 +1,9 @@
 """Registers the built-in precision backends."""
 
-from nvila_core import hookimpl
-from nvila_core.registry import Registrar
-from quant.fp8 import FP8Config, FP8Training
-from quant.full_precision import BF16, FP32, BF16Config, FP32Config
+from nvila.core import hookimpl
+from nvila.core.registry import Registrar
+from nvila.quant.fp8 import FP8Config, FP8Training
+from nvila.quant.full_precision import BF16, FP32, BF16Config, FP32Config
 
 
 @hookimpl

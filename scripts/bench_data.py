@@ -20,14 +20,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from nvila_core.data.packing import Batching, model_inputs
-from nvila_core.data.shards import SampleDecoder, decoded_stream
-from nvila_core.data.synthetic import make_sample
-from nvila_core.data.video import VideoSampling, decode_video, encode_video
-from nvila_core.model import NvilaModel
-from nvila_core.planning import model_spec_from_recipe
-from nvila_core.processor import Encoded
-from workflows.cli import recipe_path
+from nvila.core.data.packing import Batching, model_inputs
+from nvila.core.data.shards import SampleDecoder, decoded_stream
+from nvila.core.data.synthetic import make_sample
+from nvila.core.data.video import VideoSampling, decode_video, encode_video
+from nvila.core.model import NvilaModel
+from nvila.core.planning import model_spec_from_recipe
+from nvila.core.processor import Encoded
+from nvila.workflows.cli import recipe_path
 
 DEMO = model_spec_from_recipe(recipe_path("demo"))  # the demo recipe's model
 

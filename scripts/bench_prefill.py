@@ -28,8 +28,8 @@ import time
 import torch
 from PIL import Image
 
-from nvila_core.model import NvilaModel
-from nvila_core.processor import collate
+from nvila.core.model import NvilaModel
+from nvila.core.processor import collate
 
 SIZES = {
     "demo": {

@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from nvila_core.data.synthetic import make_sample
+from nvila.core.data.synthetic import make_sample
 
 OUT = Path(__file__).resolve().parents[1] / "plugins" / "assets" / "tiny-tokenizer"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nvila_core.data.synthetic import write_dataset
-from nvila_core.plugins import load_plugins
-from nvila_core.testing import TINY_MODEL  # tiny but real architectures, shared with the public test kit
+from nvila.core.data.synthetic import write_dataset
+from nvila.core.plugins import load_plugins
+from nvila.core.testing import TINY_MODEL  # tiny but real architectures, shared with the public test kit
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nvila_core.plugins import load_plugins
-from nvila_core.testing import check_component
+from nvila.core.plugins import load_plugins
+from nvila.core.testing import check_component
 
 COMPONENTS = list(load_plugins(strict=True).registry)
 

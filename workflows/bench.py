@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
 
 # A mid-size model: Qwen2 at 1024 wide x 12 layers (~150M parameters with the small vocabulary),
 # SigLIP at 384 wide x 8 layers on 224 px tiles; large enough that weights and optimizer state dominate.
@@ -117,7 +117,7 @@ class PeakSampler:
 def _batch(model: Any, batch_size: int, question_words: int, answer_words: int) -> dict[str, Any]:
     from PIL import Image
 
-    from nvila_core.processor import collate
+    from nvila.core.processor import collate
 
     question = " ".join(["what color is the shape"] * (question_words // 5))
     samples = [model.processor.encode([{"from": "human", "value": f"<image>\n{question}"},
@@ -145,7 +145,7 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
     With ``max_batch: true`` (CUDA only) the batch size is first raised until CUDA runs out of memory,
     and the largest that trains is the one measured.
     """
-    from workflows.module import NvilaModule
+    from nvila.workflows.module import NvilaModule
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,7 +298,7 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
 
 def run_suite(suite: str) -> list[Result]:
     """Every configuration of a suite, each in its own process."""
-    from quant.fp8 import fp8_capable_gpu
+    from nvila.quant.fp8 import fp8_capable_gpu
 
     if suite in GPU_SUITES and fp8_capable_gpu() is None:
         found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
@@ -306,7 +306,7 @@ def run_suite(suite: str) -> list[Result]:
                          f"capability 8.9 or higher (L4, L40, H100, H200, B200); this machine has {found}.")
     results = []
     for name in SUITES[suite]:
-        out = subprocess.run([sys.executable, "-m", "workflows.bench", suite, name], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "nvila.workflows.bench", suite, name], capture_output=True,
                              text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"benchmark '{name}' failed:\n{out.stderr[-2000:]}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import lightning as L
 
-from nvila_core.checkpoint import save_checkpoint
-from workflows.peft import merge_lora
+from nvila.core.checkpoint import save_checkpoint
+from nvila.workflows.peft import merge_lora
 
 
 class ExportCheckpoint(L.Callback):

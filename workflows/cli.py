@@ -17,13 +17,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from nvila_core.errors import NvilaError
-from nvila_core.specs import IMPORT_PATH_KEYS
-from workflows.callbacks import DataHealthLogger, ExportCheckpoint, TrainingThroughput
-from workflows.datamodule import NvilaDataModule
-from workflows.module import NvilaModule
+from nvila.core.errors import NvilaError
+from nvila.core.specs import IMPORT_PATH_KEYS
+from nvila.workflows.callbacks import DataHealthLogger, ExportCheckpoint, TrainingThroughput
+from nvila.workflows.datamodule import NvilaDataModule
+from nvila.workflows.module import NvilaModule
 
-RECIPES = files("workflows") / "recipes"
+RECIPES = files("nvila.workflows") / "recipes"
 
 
 def recipe_path(name_or_path: str) -> str:
@@ -134,9 +134,9 @@ class NvilaCLI(LightningCLI):
 
 def _check_group_fits_frames(config: Any) -> None:
     """Refuse, before anything is built, a temporal group larger than the frames each video is sampled to."""
-    from nvila_core.model import ModelSpec
-    from nvila_core.plugins import default_registry
-    from nvila_core.specs import resolve
+    from nvila.core.model import ModelSpec
+    from nvila.core.plugins import default_registry
+    from nvila.core.specs import resolve
 
     frames = (config.get("data") or {}).get("video_frames")
     spec = (config.get("model") or {}).get("temporal") or ModelSpec().temporal

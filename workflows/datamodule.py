@@ -14,11 +14,11 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from nvila_core.data.packing import Batching, as_formed, model_inputs
-from nvila_core.data.shards import EpochStream, ResumableLoader, find_shards
-from nvila_core.data.skips import DataHealth
-from nvila_core.data.video import VideoSampling
-from nvila_core.errors import NvilaError
+from nvila.core.data.packing import Batching, as_formed, model_inputs
+from nvila.core.data.shards import EpochStream, ResumableLoader, find_shards
+from nvila.core.data.skips import DataHealth
+from nvila.core.data.video import VideoSampling
+from nvila.core.errors import NvilaError
 
 log = logging.getLogger(__name__)
 

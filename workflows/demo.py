@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nvila_core.checkpoint import load_checkpoint
-from nvila_core.data.shards import find_shards
-from nvila_core.data.synthetic import chance_accuracy, write_dataset
-from workflows.cli import run_cli
-from workflows.evaluate import evaluate
+from nvila.core.checkpoint import load_checkpoint
+from nvila.core.data.shards import find_shards
+from nvila.core.data.synthetic import chance_accuracy, write_dataset
+from nvila.workflows.cli import run_cli
+from nvila.workflows.evaluate import evaluate
 
 
 def run_demo(out: str = "nvila-demo", train_samples: int = 20000, val_samples: int = 500,

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvila_core.data.shards import read_records
-from nvila_core.model import NvilaModel
-from nvila_core.processor import collate
+from nvila.core.data.shards import read_records
+from nvila.core.model import NvilaModel
+from nvila.core.processor import collate
 
 
 @dataclass

@@ -13,14 +13,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from nvila_core.checkpoint import load_tokenizer, load_weights
-from nvila_core.errors import NvilaError
-from nvila_core.losses import LOSSES
-from nvila_core.model import MODEL_PARTS, ModelSpec, NvilaModel
-from nvila_core.processor import IGNORE_INDEX
-from nvila_core.registry import did_you_mean
-from nvila_core.specs import build, validate_all
-from workflows.peft import apply_peft, parse_peft
+from nvila.core.checkpoint import load_tokenizer, load_weights
+from nvila.core.errors import NvilaError
+from nvila.core.losses import LOSSES
+from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
+from nvila.core.processor import IGNORE_INDEX
+from nvila.core.registry import did_you_mean
+from nvila.core.specs import build, validate_all
+from nvila.workflows.peft import apply_peft, parse_peft
 
 
 class NvilaModule(L.LightningModule):

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.specs import merge_config
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.specs import merge_config
 
 VISION_MODES = ("layernorm", "frozen", "full")
 

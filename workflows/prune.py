@@ -24,14 +24,14 @@ import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
-from nvila_core.checkpoint import load_checkpoint
-from nvila_core.data.packing import as_formed
-from nvila_core.data.shards import SampleDecoder, find_shards
-from nvila_core.data.skips import ShardErrors, Skipped
-from nvila_core.errors import NvilaError
-from nvila_core.processor import Encoded, NvilaProcessor, collate
-from nvila_core.pruning import Pruner, ScoringBatch, select
-from nvila_core.specs import as_dict, build
+from nvila.core.checkpoint import load_checkpoint
+from nvila.core.data.packing import as_formed
+from nvila.core.data.shards import SampleDecoder, find_shards
+from nvila.core.data.skips import ShardErrors, Skipped
+from nvila.core.errors import NvilaError
+from nvila.core.processor import Encoded, NvilaProcessor, collate
+from nvila.core.pruning import Pruner, ScoringBatch, select
+from nvila.core.specs import as_dict, build
 
 log = logging.getLogger(__name__)
 REPORT_FILE, HISTOGRAM_FILE, SCORES_FILE = "prune-report.json", "scores.png", "scores.jsonl"

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 import yaml
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import MODEL_PARTS, ModelSpec
+from nvila.core.errors import NvilaError
+from nvila.core.model import MODEL_PARTS, ModelSpec
 
 log = logging.getLogger(__name__)
 SPEC_SLOTS = tuple(f"model.{part}" for part in (*MODEL_PARTS, "precision"))
@@ -187,7 +187,7 @@ class Run:
 
 def plan_runs(config: str, axes: Sequence[Axis], out: Path, extra: Sequence[str]) -> list[Run]:
     """One Run per combination, each with its own log directory under ``out/runs``."""
-    from workflows.cli import recipe_path
+    from nvila.workflows.cli import recipe_path
 
     config_path = str(Path(recipe_path(config)).resolve())
     base = yaml.safe_load(Path(config_path).read_text()) or {}
@@ -215,9 +215,9 @@ def preflight(runs: Sequence[Run]) -> None:
 
 
 def _check_run(args: list[str]) -> None:
-    from nvila_core.data.shards import find_shards
-    from workflows.cli import NvilaCLI, refuse_import_paths
-    from workflows.module import NvilaModule
+    from nvila.core.data.shards import find_shards
+    from nvila.workflows.cli import NvilaCLI, refuse_import_paths
+    from nvila.workflows.module import NvilaModule
 
     class ParseOnly(NvilaCLI):
         def instantiate_classes(self) -> None:  # parse and validate the command line, build nothing
@@ -261,7 +261,7 @@ def execute(run: Run) -> None:
     """Run one combination's ``nvila fit`` in a subprocess; its output goes to ``<root>/fit.log``."""
     run.root.mkdir(parents=True, exist_ok=True)
     with open(run.root / "fit.log", "w") as output:
-        done = subprocess.run([sys.executable, "-m", "nvila_core.cli", *run.args], stdout=output,
+        done = subprocess.run([sys.executable, "-m", "nvila.core.cli", *run.args], stdout=output,
                               stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         lines = [line for line in (run.root / "fit.log").read_text().splitlines() if line.strip()]
@@ -272,9 +272,9 @@ def execute(run: Run) -> None:
 
 def collect(run: Run, eval_limit: int, batch_size: int = 16) -> None:
     """Measure a finished run from its exported checkpoint and logs; a missing checkpoint fails the run."""
-    from nvila_core.checkpoint import load_checkpoint
-    from nvila_core.data.shards import find_shards
-    from workflows.evaluate import evaluate
+    from nvila.core.checkpoint import load_checkpoint
+    from nvila.core.data.shards import find_shards
+    from nvila.workflows.evaluate import evaluate
 
     checkpoints = sorted(run.root.glob("*/checkpoint"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
@@ -301,8 +301,8 @@ def collect(run: Run, eval_limit: int, batch_size: int = 16) -> None:
 def _tokens_and_prefill(model: Any, shards: list[str], repeats: int = 5) -> tuple[float, float]:
     """Visual tokens per image of the first held-out sample, and the median time (ms) to the first token's
     logits for its prompt: encoder, compressor, projector and language-model prefill, batch 1."""
-    from nvila_core.data.shards import read_records
-    from nvila_core.processor import collate
+    from nvila.core.data.shards import read_records
+    from nvila.core.processor import collate
 
     record, images = next(read_records(shards))
     prompt = model.processor.encode(record["conversations"][:-1], images, generation_prompt=True)
@@ -321,8 +321,8 @@ def _tokens_and_prefill(model: Any, shards: list[str], repeats: int = 5) -> tupl
 @torch.no_grad()
 def validation_loss(model: Any, shards: list[str], batch_size: int = 16, limit: int | None = None) -> float:
     """Mean answer-token loss over held-out samples (each sample weighted by its supervised tokens)."""
-    from nvila_core.data.shards import read_records
-    from nvila_core.processor import IGNORE_INDEX, collate
+    from nvila.core.data.shards import read_records
+    from nvila.core.processor import IGNORE_INDEX, collate
 
     model.eval()
     records = itertools.islice(read_records(shards), limit)

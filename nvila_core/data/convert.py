@@ -17,9 +17,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from nvila_core.data.shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VIDEO_TOKEN
-from nvila_core.errors import NvilaError
-from nvila_core.processor import IMAGE_TOKEN, NvilaProcessor
+from nvila.core.data.shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VIDEO_TOKEN
+from nvila.core.errors import NvilaError
+from nvila.core.processor import IMAGE_TOKEN, NvilaProcessor
 
 REPORT_FILE = "convert-report.json"
 CONVERT_REASONS = {

@@ -10,7 +10,7 @@ The loss of a packed batch is the mean over its supervised tokens, exactly as fo
 same samples: a sample's first label is never a target of its own (targets are shifted by one), so it
 is set to -100, and no token is asked to predict the start of the next sample.
 
-Batches carry ``skipped`` (the :class:`~nvila_core.data.skips.Skipped` records met while forming them)
+Batches carry ``skipped`` (the :class:`~nvila.core.data.skips.Skipped` records met while forming them)
 and ``num_samples``; :func:`model_inputs` strips both before the model sees the batch.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from nvila_core.data.skips import Skipped
-from nvila_core.processor import IGNORE_INDEX, Encoded, collate
+from nvila.core.data.skips import Skipped
+from nvila.core.processor import IGNORE_INDEX, Encoded, collate
 
 log = logging.getLogger(__name__)
 BATCH_EXTRAS = ("skipped", "num_samples", "keys")

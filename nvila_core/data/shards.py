@@ -3,7 +3,7 @@
 A shard sample is one JSON conversation (``.json``) plus its media: images (``.png``, ``.jpg``,
 ``.jpeg``, ``.webp``) and videos (``.mp4`` and what else PyAV reads), numbered when there are several
 (``0.jpg``, ``1.jpg``, ...; taken in number order). ``docs/data.md`` describes the format. A sample that
-cannot be used becomes a counted :class:`~nvila_core.data.skips.Skipped` record, named in the log, and
+cannot be used becomes a counted :class:`~nvila.core.data.skips.Skipped` record, named in the log, and
 training goes on.
 """
 
@@ -26,11 +26,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from nvila_core.data.packing import Batching
-from nvila_core.data.skips import ShardErrors, Skipped
-from nvila_core.data.video import VideoDecodeError, VideoSampling, decode_video
-from nvila_core.errors import NvilaError
-from nvila_core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
+from nvila.core.data.packing import Batching
+from nvila.core.data.skips import ShardErrors, Skipped
+from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
+from nvila.core.errors import NvilaError
+from nvila.core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")

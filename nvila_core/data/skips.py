@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Video decoding with PyAV: a clip's bytes -> a fixed or fps-driven number of uniformly sampled frames.
 
-Runs in DataLoader workers (it is called by :class:`nvila_core.data.shards.SampleDecoder`), so a slow
+Runs in DataLoader workers (it is called by :class:`nvila.core.data.shards.SampleDecoder`), so a slow
 decode never blocks the training step.
 
 Sampling:

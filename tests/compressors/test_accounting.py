@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.plugins import load_plugins
-from nvila_core.processor import collate
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.plugins import load_plugins
+from nvila.core.processor import collate
 
 REGISTRY = load_plugins(strict=True).registry
 COMPRESSORS = REGISTRY.names("compressor")
@@ -17,7 +17,7 @@ GRIDS = [(2, 2), (3, 5), (7, 7), (8, 8), (13, 4), (27, 27)]
 
 @pytest.mark.parametrize("name", COMPRESSORS)
 def test_output_shape_is_exact_for_every_grid(name, registry):
-    from nvila_core.specs import build
+    from nvila.core.specs import build
 
     compressor = build("compressor", {"name": name}, registry, in_channels=6).eval()
     for h, w in GRIDS:

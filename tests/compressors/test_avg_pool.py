@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from compressors.avg_pool import AveragePool, AvgPoolConfig
-from nvila_core.errors import SpecError
-from nvila_core.specs import build
+from nvila.compressors.avg_pool import AveragePool, AvgPoolConfig
+from nvila.core.errors import SpecError
+from nvila.core.specs import build
 
 
 def reference_pool(grid: torch.Tensor, k: int) -> torch.Tensor:

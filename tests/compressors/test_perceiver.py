@@ -1,6 +1,6 @@
 import torch
 
-from compressors.perceiver import PerceiverConfig, PerceiverResampler
+from nvila.compressors.perceiver import PerceiverConfig, PerceiverResampler
 
 
 def test_k_latents_for_any_grid_and_width():

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from compressors.projector import MLP3x3ProjectorConfig, mlp_3x3_projector, vila_projector_state_dict
-from compressors.stc import SpatialToChannel, STCConfig
+from nvila.compressors.projector import MLP3x3ProjectorConfig, mlp_3x3_projector, vila_projector_state_dict
+from nvila.compressors.stc import SpatialToChannel, STCConfig
 
 
 def test_3x3_projector_has_nvilas_layers_in_nvilas_order():

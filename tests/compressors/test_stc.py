@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compressors.stc import SpatialToChannel, STCConfig
+from nvila.compressors.stc import SpatialToChannel, STCConfig
 
 
 def reference_stc(grid: torch.Tensor, k: int) -> torch.Tensor:

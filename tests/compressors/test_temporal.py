@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from compressors.temporal import TemporalAverage, TemporalAverageConfig
-from nvila_core.errors import SpecError
-from nvila_core.specs import build
+from nvila.compressors.temporal import TemporalAverage, TemporalAverageConfig
+from nvila.core.errors import SpecError
+from nvila.core.specs import build
 
 
 @pytest.mark.parametrize("frames,group", [(8, 4), (9, 4), (3, 4), (7, 1), (256, 8), (10, 3)])

@@ -1,6 +1,6 @@
 import torch
 
-from compressors.tokenlearner import TokenLearner, TokenLearnerConfig
+from nvila.compressors.tokenlearner import TokenLearner, TokenLearnerConfig
 
 
 def test_each_token_is_a_weighted_mean_of_the_block():

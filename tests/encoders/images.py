@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from encoders.preprocess import to_rgb, to_tensor
+from nvila.encoders.preprocess import to_rgb, to_tensor
 
 # A tiny SigLIP: 32 px tiles, 4x4 features of width 32.
 TINY_SIGLIP = {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nvila_core.specs import build
+from nvila.core.specs import build
 from tests.encoders.images import noise_image
 
 TINY_BASE = {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders.dynamic_tiles import DynamicTilesConfig, DynamicTilesEncoder
+from nvila.encoders.dynamic_tiles import DynamicTilesConfig, DynamicTilesEncoder
 from tests.encoders.images import TINY_SIGLIP, noise_image
 
 

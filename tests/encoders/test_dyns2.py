@@ -4,12 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from compressors.stc import SpatialToChannel, STCConfig
-from encoders.dyns2 import DynS2Config, DynS2Encoder
-from encoders.siglip import SiglipConfig, SiglipEncoder
-from encoders.tiling import merge_blocks
-from nvila_core.errors import NvilaError, SpecError
-from nvila_core.specs import build
+from nvila.compressors.stc import SpatialToChannel, STCConfig
+from nvila.core.errors import NvilaError, SpecError
+from nvila.core.specs import build
+from nvila.encoders.dyns2 import DynS2Config, DynS2Encoder
+from nvila.encoders.siglip import SiglipConfig, SiglipEncoder
+from nvila.encoders.tiling import merge_blocks
 from tests.encoders.images import TINY_SIGLIP, area_resize, noise_image, resized_pixels
 
 PIXELS = {"name": "patches", "image_size": 8, "patch_size": 1}  # features = the tile's normalised pixels

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoders.preprocess import ImageError, TileProcessor, load_rgb, open_image, to_rgb
+from nvila.encoders.preprocess import ImageError, TileProcessor, load_rgb, open_image, to_rgb
 
 
 def pixel(image, xy=(0, 0)):

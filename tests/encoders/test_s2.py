@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from encoders.s2 import S2Config, S2Encoder
-from encoders.siglip import SiglipConfig, SiglipEncoder
-from encoders.tiling import merge_blocks
-from nvila_core.errors import SpecError
-from nvila_core.specs import build
+from nvila.core.errors import SpecError
+from nvila.core.specs import build
+from nvila.encoders.s2 import S2Config, S2Encoder
+from nvila.encoders.siglip import SiglipConfig, SiglipEncoder
+from nvila.encoders.tiling import merge_blocks
 from tests.encoders.images import TINY_SIGLIP, area_resize, noise_image, resized_pixels
 
 PIXELS = {"name": "patches", "image_size": 8, "patch_size": 1}  # features = the tile's normalised pixels

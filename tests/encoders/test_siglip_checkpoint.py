@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from encoders.siglip import SiglipConfig, SiglipEncoder
-from nvila_core.errors import NvilaError
+from nvila.core.errors import NvilaError
+from nvila.encoders.siglip import SiglipConfig, SiglipEncoder
 
 
 def test_weights_and_normalisation_come_from_the_checkpoint(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from encoders.siglip import SiglipConfig, SiglipEncoder
+from nvila.encoders.siglip import SiglipConfig, SiglipEncoder
 
 
 @pytest.mark.parametrize("feature_layer", [-1, -2, 1])

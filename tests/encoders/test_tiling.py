@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from encoders.tiling import candidate_grids, closest_grid, merge_blocks, split_image, split_map
+from nvila.encoders.tiling import candidate_grids, closest_grid, merge_blocks, split_image, split_map
 
 # NVILA-8B: 448 px tiles, scales 448/896/1344 -> at least (1344/448)^2 = 9 and at most 12 tiles.
 NVILA = dict(tile=448, min_tiles=9, max_tiles=12)

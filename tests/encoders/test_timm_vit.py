@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from encoders.timm_vit import TimmViTConfig, TimmViTEncoder
-from nvila_core.errors import NvilaError
-from nvila_core.specs import build
+from nvila.core.errors import NvilaError
+from nvila.core.specs import build
+from nvila.encoders.timm_vit import TimmViTConfig, TimmViTEncoder
 
 TINY = dict(image_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from nvila_core.errors import NvilaError
-from nvila_core.losses import chunked_loss, fused_loss, standard_loss
+from nvila.core.errors import NvilaError
+from nvila.core.losses import chunked_loss, fused_loss, standard_loss
 
 
 def test_chunked_loss_equals_the_standard_loss_and_its_gradients():

@@ -3,11 +3,11 @@ import random
 import pytest
 import torch
 
-from nvila_core.checkpoint import load_checkpoint, save_checkpoint
-from nvila_core.data.synthetic import make_sample
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.processor import IGNORE_INDEX, collate
+from nvila.core.checkpoint import load_checkpoint, save_checkpoint
+from nvila.core.data.synthetic import make_sample
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.processor import IGNORE_INDEX, collate
 
 
 @pytest.fixture(scope="module")

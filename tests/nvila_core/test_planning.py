@@ -6,12 +6,12 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nvila_core.cli import main
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.planning import Planner, model_spec_from_recipe
-from nvila_core.plugins import load_plugins
-from workflows.cli import recipe_path
+from nvila.core.cli import main
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.planning import Planner, model_spec_from_recipe
+from nvila.core.plugins import load_plugins
+from nvila.workflows.cli import recipe_path
 
 COMPRESSORS = load_plugins(strict=True).registry.names("compressor")
 # tall, wide, square, tiny and huge images, as (width, height)

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvila_core.errors import NvilaError, PluginLoadError
-from nvila_core.model import NvilaModel
-from nvila_core.plugins import load_plugins
-from nvila_core.testing import CHECKS, ContractError, check_distribution
+from nvila.core.errors import NvilaError, PluginLoadError
+from nvila.core.model import NvilaModel
+from nvila.core.plugins import load_plugins
+from nvila.core.testing import CHECKS, ContractError, check_distribution
 
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD_PLUGIN = '''
 from dataclasses import dataclass
-from nvila_core import hookimpl
-from compressors.identity import IdentityCompressor
+from nvila.core import hookimpl
+from nvila.compressors.identity import IdentityCompressor
 
 @dataclass
 class EchoConfig:
@@ -134,8 +134,8 @@ def test_a_hook_that_fails_half_way_leaves_nothing_behind(site):
 # A compressor with a switchable defect; {name} is its registry name.
 COMPRESSOR_PLUGIN = '''
 from dataclasses import dataclass
-from nvila_core import hookimpl
-from nvila_core.interfaces import Compressor
+from nvila.core import hookimpl
+from nvila.core.interfaces import Compressor
 
 @dataclass
 class FlatConfig:
@@ -216,7 +216,7 @@ def test_a_disabled_distribution_is_named_not_silently_empty(site, monkeypatch):
 def test_a_pruner_that_is_not_a_pruner_is_reported_by_the_kit(site):
     source = textwrap.dedent('''
         from dataclasses import dataclass
-        from nvila_core import hookimpl
+        from nvila.core import hookimpl
 
         @dataclass
         class KeepAllConfig:
@@ -233,7 +233,7 @@ def test_a_pruner_that_is_not_a_pruner_is_reported_by_the_kit(site):
     ''')
     fake_distribution(site, "pruneplug", "prune", "pruneplug_mod", source)
     with pytest.raises(ContractError, match="pruner 'keep-all' from pruneplug 0.2 failed the 'interface' check: "
-                                            "a pruner must subclass nvila_core.pruning.Pruner"):
+                                            "a pruner must subclass nvila.core.pruning.Pruner"):
         check_distribution("pruneplug")
 
 
@@ -261,7 +261,7 @@ def every_kind_of_broken_plugin(site: Path) -> dict[str, str]:
 
 
 def nvila(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nvila_core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvila.core.cli", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -274,7 +274,7 @@ def test_nvila_plugins_names_each_broken_distribution_and_lists_the_rest(site):
             "No module named 'not_a_module_anywhere'") in failed
     assert any("from clashplug 0.2" in f and "by nvila 0.1.0 and by clashplug 0.2" in f for f in failed)
     assert any("from sigplug 0.2" in f and "extra" in f for f in failed)
-    assert "WARNING nvila_core.plugins: plugin 'aaa-broken' from brokenplug 0.2 was not loaded" in out.stderr
+    assert "WARNING nvila.core.plugins: plugin 'aaa-broken' from brokenplug 0.2 was not loaded" in out.stderr
     listed = out.stdout.split("failed: ")[0]
     assert "stc " in listed and "qwen2 " in listed and "drop-one " in listed and "shapeplug 0.2" in listed
 

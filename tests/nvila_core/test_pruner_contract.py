@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nvila_core.pruning import Pruner
-from nvila_core.registry import Registry
-from nvila_core.testing import ContractError, check_component
+from nvila.core.pruning import Pruner
+from nvila.core.registry import Registry
+from nvila.core.testing import ContractError, check_component
 
 
 @dataclass

@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from nvila_core.errors import NvilaError
-from nvila_core.registry import Registry
+from nvila.core.errors import NvilaError
+from nvila.core.registry import Registry
 
 
 @dataclass

@@ -1,8 +1,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from nvila_core.errors import NvilaError, SpecError
-from nvila_core.specs import build, describe, field_docs, resolve, to_spec, validate_all
+from nvila.core.errors import NvilaError, SpecError
+from nvila.core.specs import build, describe, field_docs, resolve, to_spec, validate_all
 
 
 def test_values_are_coerced_to_the_config_types(registry):

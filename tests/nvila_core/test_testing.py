@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from compressors.identity import IdentityConfig
-from nvila_core.interfaces import Compressor
-from nvila_core.registry import Registry
-from nvila_core.testing import ContractError, check_component
+from nvila.compressors.identity import IdentityConfig
+from nvila.core.interfaces import Compressor
+from nvila.core.registry import Registry
+from nvila.core.testing import ContractError, check_component
 
 
 class MiscountingCompressor(Compressor):

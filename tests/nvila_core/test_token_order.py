@@ -2,7 +2,7 @@
 
 import torch
 
-from nvila_core.model import NvilaModel
+from nvila.core.model import NvilaModel
 
 
 def tiny_dyns2_model(registry, tiny_spec, compressor):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.processor import IGNORE_INDEX, collate
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.processor import IGNORE_INDEX, collate
 
 
 def tiny_model(tiny_spec, registry, **temporal):

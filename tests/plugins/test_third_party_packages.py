@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nvila_core.plugins import load_plugins
-from nvila_core.specs import describe
+from nvila.core.plugins import load_plugins
+from nvila.core.specs import describe
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "plugins" / "template"
@@ -78,13 +78,13 @@ class PluginEnv:
     def entry_points(self) -> dict[str, str]:
         """What nvila's loader will find in this environment: ``{entry point: distribution}`` (no torch import)."""
         out = self.run("-c", "import json; from importlib.metadata import entry_points; "
-                             "from nvila_core.plugins import GROUP; "
+                             "from nvila.core.plugins import GROUP; "
                              "print(json.dumps({ep.name: ep.dist.name for ep in entry_points(group=GROUP)}))")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
     def nvila(self, *args: str) -> subprocess.CompletedProcess:
-        return self.run("-m", "nvila_core.cli", *args)
+        return self.run("-m", "nvila.core.cli", *args)
 
     def pytest(self, package: Path) -> subprocess.CompletedProcess:
         """The package's own test suite, run the way its author runs it: ``pytest`` in its folder."""

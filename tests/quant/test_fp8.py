@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from nvila_core.errors import NvilaError
-from nvila_core.specs import build
-from quant.fp8 import fp8_capable_gpu
+from nvila.core.errors import NvilaError
+from nvila.core.specs import build
+from nvila.quant.fp8 import fp8_capable_gpu
 
 
 def small_mlp():
@@ -46,8 +46,8 @@ def test_real_fp8_trains_on_a_capable_gpu(registry):
 
 
 def test_fp8_under_peft_converts_the_base_layers_and_leaves_the_adapters(registry, tiny_spec):
-    from nvila_core.model import NvilaModel
-    from workflows.peft import apply_peft, parse_peft
+    from nvila.core.model import NvilaModel
+    from nvila.workflows.peft import apply_peft, parse_peft
 
     spec = {**tiny_spec, "llm": {**tiny_spec["llm"], "hidden_size": 64, "intermediate_size": 128}}
     model = NvilaModel(spec, registry)

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from nvila_core.model import NvilaModel
-from nvila_core.processor import collate
-from nvila_core.specs import build
-from workflows.peft import apply_peft, parse_peft
+from nvila.core.model import NvilaModel
+from nvila.core.processor import collate
+from nvila.core.specs import build
+from nvila.workflows.peft import apply_peft, parse_peft
 
 
 def conversation_batch(model):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from workflows.bench import SUITES, markdown, run_one
+from nvila.workflows.bench import SUITES, markdown, run_one
 
 TOY_SIZES = {
     "encoder_overrides": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
@@ -25,14 +25,14 @@ def test_peft_and_full_fine_tuning_in_bf16_run_side_by_side():
 
 
 def test_the_command_offers_every_suite():
-    from nvila_core.cli import _parser
+    from nvila.core.cli import _parser
 
     bench = next(a for a in _parser()._subparsers._group_actions[0].choices["bench"]._actions if a.dest == "suite")
     assert set(bench.choices) == set(SUITES)
 
 
 def test_largest_fitting_batch_is_found_by_doubling_then_bisection():
-    from workflows.bench import largest_fitting
+    from nvila.workflows.bench import largest_fitting
 
     tried = []
 
@@ -55,8 +55,8 @@ def test_the_fp8_configurations_train_in_emulation_on_the_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these run for real")
 def test_gpu_only_benchmarks_say_what_they_need(capsys):
-    from nvila_core.cli import main
-    from nvila_core.errors import NvilaError
+    from nvila.core.cli import main
+    from nvila.core.errors import NvilaError
 
     assert main(["bench", "fp8"]) == 2
     assert "needs an NVIDIA GPU with compute capability 8.9" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.processor import collate
-from workflows.peft import apply_peft, merge_lora, parse_peft
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.processor import collate
+from nvila.workflows.peft import apply_peft, merge_lora, parse_peft
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_bad_peft_settings_are_reported_with_their_keys():
 
 
 def test_adapters_merge_into_bf16_frozen_weights_without_rounding_away(model, registry):
-    from quant.full_precision import BF16, BF16Config
+    from nvila.quant.full_precision import BF16, BF16Config
 
     apply_peft(model, parse_peft({"lora": {"r": 4}}))
     BF16(BF16Config(frozen_in_bf16=True)).prepare(model)

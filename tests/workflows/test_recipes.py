@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from nvila_core.errors import NvilaError
-from workflows.cli import NvilaCLI, recipe_fragments, recipe_path, refuse_import_paths, shipped_recipes
-from workflows.module import NvilaModule
+from nvila.core.errors import NvilaError
+from nvila.workflows.cli import NvilaCLI, recipe_fragments, recipe_path, refuse_import_paths, shipped_recipes
+from nvila.workflows.module import NvilaModule
 
 # Released-size presets (nvila-8b has 8 billion parameters) are built through the same CLI on PyTorch's meta
 # device: every module gets its real class and shapes but no storage, so a wrong key, type or shape fails here

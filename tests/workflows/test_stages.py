@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from nvila_core.errors import NvilaError
-from workflows.cli import NvilaCLI, recipe_path, run_cli
+from nvila.core.errors import NvilaError
+from nvila.workflows.cli import NvilaCLI, recipe_path, run_cli
 
 STAGES = ["align", "encoder-pretrain", "pretrain", "sft", "peft"]
 # which parts each stage must leave untouched (PEFT trains LoRA adapters and norms, merged on export)
@@ -46,7 +46,7 @@ def test_stages_chain_through_checkpoints_and_train_only_their_parts(synth_data,
 
 
 def test_peft_with_frozen_weights_in_bf16_exports_a_plain_checkpoint(synth_data, tiny_overrides, tmp_path):
-    from nvila_core.checkpoint import load_checkpoint
+    from nvila.core.checkpoint import load_checkpoint
 
     cli = run_cli(["fit", "--config", recipe_path("demo"), "--config", recipe_path("stages/peft"),
                    *tiny_args(synth_data, tiny_overrides, tmp_path), "--model.lr=1e-2",
@@ -121,8 +121,8 @@ def test_memory_savers_leave_the_loss_unchanged(synth_data, tiny_overrides, tmp_
 
 
 def _loader(cli):
-    from nvila_core.data.shards import sample_stream
-    from nvila_core.processor import collator
+    from nvila.core.data.shards import sample_stream
+    from nvila.core.processor import collator
 
     model = cli.model.model
     stream = sample_stream(cli.datamodule.train_shards, model.processor)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from nvila_core.errors import NvilaError
-from workflows.sweep import Run, execute, parse_axis, run_overrides, run_sweep
+from nvila.core.errors import NvilaError
+from nvila.workflows.sweep import Run, execute, parse_axis, run_overrides, run_sweep
 
 BASE = {"model": {"compressor": {"name": "stc", "ratio": 2}, "projector": {"name": "mlp"}}}
 
@@ -56,7 +56,7 @@ def base_recipe(tmp_path, synth_data, tiny_spec):
 
 
 def nvila(*args):
-    return subprocess.run([sys.executable, "-m", "nvila_core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvila.core.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 

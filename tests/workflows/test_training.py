@@ -2,10 +2,10 @@
 
 import csv
 
-from nvila_core.checkpoint import load_checkpoint
-from nvila_core.data.shards import find_shards
-from workflows.cli import recipe_path, run_cli
-from workflows.evaluate import evaluate
+from nvila.core.checkpoint import load_checkpoint
+from nvila.core.data.shards import find_shards
+from nvila.workflows.cli import recipe_path, run_cli
+from nvila.workflows.evaluate import evaluate
 
 
 def test_a_few_steps_reduce_the_loss_and_export_a_checkpoint(synth_data, tmp_path, tiny_overrides):

@@ -1,7 +1,7 @@
 """The module the ``nvila`` entry point names: it registers this package's components."""
 
-from nvila_core import hookimpl
-from nvila_core.registry import Registrar
+from nvila.core import hookimpl
+from nvila.core.registry import Registrar
 
 from nvila_myplugin.pool import AveragePool, AveragePoolConfig
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from nvila_core.interfaces import Compressor
+from nvila.core.interfaces import Compressor
 
 
 @dataclass

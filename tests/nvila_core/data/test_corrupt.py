@@ -8,13 +8,13 @@ import tarfile
 import pytest
 from PIL import Image
 
-from nvila_core.data.shards import SampleDecoder, decoded_stream, media_keys
-from nvila_core.data.skips import DataHealth, Skipped
-from nvila_core.data.synthetic import write_split
-from nvila_core.data.video import VideoSampling, encode_video
-from nvila_core.errors import NvilaError
-from nvila_core.model import NvilaModel
-from nvila_core.processor import Encoded, NvilaProcessor
+from nvila.core.data.shards import SampleDecoder, decoded_stream, media_keys
+from nvila.core.data.skips import DataHealth, Skipped
+from nvila.core.data.synthetic import write_split
+from nvila.core.data.video import VideoSampling, encode_video
+from nvila.core.errors import NvilaError
+from nvila.core.model import NvilaModel
+from nvila.core.processor import Encoded, NvilaProcessor
 
 
 def png(size=(8, 8)) -> bytes:
@@ -121,7 +121,7 @@ def corrupt_set(root, corrupt_keys, good=240):
 
 
 def fit(root, tmp_path, tiny_spec, *extra):
-    from workflows.cli import run_cli
+    from nvila.workflows.cli import run_cli
 
     enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
     return run_cli([

@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from nvila_core.data.packing import Batching, block_causal_mask, collate_packed, model_inputs, pack_rows
-from nvila_core.data.skips import Skipped
-from nvila_core.data.synthetic import make_sample
-from nvila_core.losses import shift_labels
-from nvila_core.model import NvilaModel
-from nvila_core.processor import IGNORE_INDEX, collate
+from nvila.core.data.packing import Batching, block_causal_mask, collate_packed, model_inputs, pack_rows
+from nvila.core.data.skips import Skipped
+from nvila.core.data.synthetic import make_sample
+from nvila.core.losses import shift_labels
+from nvila.core.model import NvilaModel
+from nvila.core.processor import IGNORE_INDEX, collate
 
 
 def conversations(rng: random.Random, n: int):
@@ -131,7 +131,7 @@ def test_batches_carry_the_skips_met_while_forming_them(encoded):
 
 
 def test_training_with_packing_runs_through_the_lightning_cli(synth_data, tmp_path, tiny_spec):
-    from workflows.cli import run_cli
+    from nvila.workflows.cli import run_cli
 
     enc, llm = tiny_spec["encoder"], tiny_spec["llm"]
     cli = run_cli([

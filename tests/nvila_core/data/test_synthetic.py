@@ -6,9 +6,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from nvila_core.data.shards import find_shards, read_records
-from nvila_core.data.synthetic import QUESTIONS, chance_accuracy, make_sample, write_split
-from nvila_core.errors import NvilaError
+from nvila.core.data.shards import find_shards, read_records
+from nvila.core.data.synthetic import QUESTIONS, chance_accuracy, make_sample, write_split
+from nvila.core.errors import NvilaError
 
 
 def test_the_same_seed_writes_the_same_shards(tmp_path):
@@ -36,7 +36,7 @@ def test_answers_are_true_of_the_image():
         s = make_sample(rng, str(i), image_size=64)
         if s.qtype == "colour":
             pixels = set(s.image.getdata())
-            from nvila_core.data.synthetic import COLOURS
+            from nvila.core.data.synthetic import COLOURS
             assert COLOURS[s.answer] in pixels
 
 
@@ -52,8 +52,8 @@ def test_missing_and_empty_shard_directories_get_clear_errors(tmp_path):
 
 
 def test_an_undecodable_sample_is_skipped_named_and_the_rest_are_read(tmp_path, caplog, registry, tiny_spec):
-    from nvila_core.data.shards import sample_stream
-    from nvila_core.model import NvilaModel
+    from nvila.core.data.shards import sample_stream
+    from nvila.core.model import NvilaModel
 
     shard = tmp_path / "bad.tar"
     good = io.BytesIO()

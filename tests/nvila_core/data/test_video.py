@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from nvila_core.data.video import VideoDecodeError, VideoSampling, decode_video, encode_video, uniform_indices
+from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video, encode_video, uniform_indices
 
 
 def clip(n: int, size=(32, 24)) -> list[Image.Image]:
