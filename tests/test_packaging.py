@@ -10,6 +10,7 @@ layered on the running one through a folder of links to every entry of its site-
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -66,8 +67,14 @@ def _layered_site(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"  # a copy, so that the build writes nothing into the repository
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in _pyproject()["tool"]["setuptools"]["package-dir"].values():
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--no-index", "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "--no-index", "-w", str(out), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     (found,) = out.glob("nvila-*.whl")
     return found
