@@ -1,4 +1,4 @@
-"""Checkpoints as directories: ``spec.yaml`` (resolved model spec), ``model.safetensors``, ``tokenizer/``.
+"""Checkpoints as directories: ``spec.yaml`` (the whole :class:`ModelSpec`), ``model.safetensors``, ``tokenizer/``.
 
 Loading rebuilds the model from its spec through the registry and reads tensors with safetensors;
 nothing is unpickled.
@@ -14,7 +14,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer
 
 from nvila.core.errors import NvilaError
-from nvila.core.model import NvilaModel
+from nvila.core.model import ModelSpec, NvilaModel
 from nvila.core.registry import Registry
 
 SPEC_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "spec.yaml", "model.safetensors", "tokenizer"
@@ -24,8 +24,7 @@ def save_checkpoint(model: NvilaModel, directory: str | Path) -> Path:
     """Write ``model`` as a checkpoint directory and return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    spec = {"model": model.spec.to_dict(), "max_length": model.processor.max_length}
-    OmegaConf.save(OmegaConf.create(spec), directory / SPEC_FILE)
+    OmegaConf.save(OmegaConf.create({"model": model.spec.to_dict()}), directory / SPEC_FILE)
     save_model(model, str(directory / WEIGHTS_FILE))  # handles tied embeddings
     model.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
     return directory
@@ -62,7 +61,16 @@ def load_checkpoint(directory: str | Path, registry: Registry | None = None) -> 
     """Rebuild a model from a checkpoint directory written by :func:`save_checkpoint`."""
     directory = Path(directory)
     _check_directory(directory)
-    spec = OmegaConf.to_container(OmegaConf.load(directory / SPEC_FILE))
-    model = NvilaModel(spec["model"], registry, tokenizer=load_tokenizer(directory),
-                       max_length=spec.get("max_length", 2048))
-    return load_weights(model, directory).eval()
+    return load_weights(NvilaModel(read_spec(directory), registry, tokenizer=load_tokenizer(directory)),
+                        directory).eval()
+
+
+def read_spec(directory: str | Path) -> ModelSpec:
+    """The :class:`ModelSpec` a checkpoint directory was made from (no weights are read)."""
+    directory = Path(directory)
+    _check_directory(directory)
+    saved = OmegaConf.to_container(OmegaConf.load(directory / SPEC_FILE))
+    spec = dict(saved["model"])
+    if "max_length" in saved:  # checkpoints written before the spec held max_length and precision
+        spec.setdefault("max_length", saved["max_length"])
+    return ModelSpec.from_dict(spec)

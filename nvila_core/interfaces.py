@@ -179,7 +179,10 @@ class LanguageModel(nn.Module, ABC):
 
 
 class PrecisionBackend(ABC):
-    """How weights and activations are stored and computed, for training or serving."""
+    """How training stores and computes weights and activations (fp32, bf16, FP8).
+
+    Training only: inference-time quantization of a trained model is a kind of its own (quantizers).
+    """
 
     lightning_precision: str = "32-true"
     """The Lightning ``precision`` flag this backend trains with."""

@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from nvila.core.errors import NvilaError
 from nvila.core.processor import IGNORE_INDEX
 
-LOSSES = ("standard", "chunked", "fused")
 log = logging.getLogger(__name__)
 
 

@@ -8,7 +8,9 @@ video placeholder ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -16,44 +18,81 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import TemporalCompressor
-from nvila.core.losses import LOSSES, chunked_loss, fused_loss, standard_loss
+from nvila.core.losses import standard_loss
 from nvila.core.processor import IMAGE_TOKEN, VIDEO_TOKEN, NvilaProcessor
-from nvila.core.registry import Registry
+from nvila.core.registry import Registry, did_you_mean
 from nvila.core.specs import as_dict, build, validate_all
 
-MODEL_PARTS = ("encoder", "compressor", "temporal", "projector", "llm")
+
+def _slot(kind: str, default: str, doc: str, module: bool = True) -> Any:
+    """A ModelSpec field holding a plugin spec of ``kind``; ``module``: the part is a submodule of the model."""
+    return field(default_factory=lambda: {"name": default}, metadata={"kind": kind, "module": module, "doc": doc})
 
 
 @dataclass
 class ModelSpec:
-    """Which component fills each slot of the model; each value is a plugin spec ``{name: ..., ...}``."""
+    """Everything that rebuilding a model needs: which plugin fills each slot, and its sequence length.
 
-    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
-    compressor: dict[str, Any] = field(default_factory=lambda: {"name": "stc"})
-    temporal: dict[str, Any] = field(default_factory=lambda: {"name": "temporal-average"})
-    """Video only (images never pass through it); the default is released NVILA's pooling."""
-    projector: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
-    llm: dict[str, Any] = field(default_factory=lambda: {"name": "qwen2"})
+    This is the one list of a model's parts: the Lightning module's arguments, checkpoints, sweeps, the
+    planner and the test kit all derive from it. Each slot holds a plugin spec ``{name: ..., ...}``.
+    """
+
+    encoder: dict[str, Any] = _slot("encoder", "siglip", "vision encoder spec, e.g. {name: siglip, feature_layer: -2}")
+    compressor: dict[str, Any] = _slot("compressor", "stc", "token compressor spec, e.g. {name: stc, ratio: 2}")
+    temporal: dict[str, Any] = _slot(
+        "temporal", "temporal-average", "temporal compressor spec for video (images never pass through it), "
+        "e.g. {name: temporal-average, group: 8}; the default is released NVILA's pooling")
+    projector: dict[str, Any] = _slot("projector", "mlp", "projector spec, e.g. {name: mlp}")
+    llm: dict[str, Any] = _slot("llm", "qwen2",
+                                "language model spec, e.g. {name: qwen2, checkpoint: /path/to/Qwen2-7B}")
+    precision: dict[str, Any] = _slot(
+        "precision", "fp32", "precision backend spec, e.g. {name: bf16, frozen_in_bf16: true}; how training stores "
+        "and computes weights (it sets the Trainer's precision); recorded so that a checkpoint says how it was made",
+        module=False)
+    max_length: int = field(default=2048, metadata={"doc": "longest tokenized sample, visual tokens included"})
 
     @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> ModelSpec:
-        unknown = sorted(set(spec) - set(MODEL_PARTS))
+    def slots(cls) -> dict[str, str]:
+        """Every plugin slot and its plugin kind: ``{"encoder": "encoder", ..., "precision": "precision"}``."""
+        return {f.name: f.metadata["kind"] for f in fields(cls) if "kind" in f.metadata}
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> ModelSpec:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(spec) - set(names))
         if unknown:
-            raise NvilaError(f"Unknown model part(s) {unknown}; a model spec has: {', '.join(MODEL_PARTS)}.")
-        return cls(**{k: as_dict(v) for k, v in spec.items()})
+            raise NvilaError(f"Unknown model field(s) {unknown}.{did_you_mean(unknown[0], names)} A model spec has: "
+                             f"{', '.join(names)}.")
+        slots = cls.slots()
+        return cls(**{k: as_dict(v) if k in slots else v for k, v in spec.items()})
+
+    @classmethod
+    def pick(cls, section: Mapping[str, Any]) -> ModelSpec:
+        """The spec within a larger mapping, such as a recipe's ``model:`` section (which adds training settings)."""
+        names = {f.name for f in fields(cls)}
+        return cls.from_dict({k: v for k, v in section.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: dict(getattr(self, k)) for k in MODEL_PARTS}
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def validate(self, registry: Registry | None = None, prefix: str = "") -> None:
+        """Check every slot's spec against its plugin's config; all problems reported at once."""
+        validate_all({f"{prefix}{slot}": (kind, getattr(self, slot)) for slot, kind in self.slots().items()},
+                     registry)
+
+
+MODEL_PARTS = tuple(f.name for f in fields(ModelSpec) if f.metadata.get("module"))
+"""The slots that are submodules of :class:`NvilaModel`, in data-flow order (derived from :class:`ModelSpec`)."""
 
 
 class NvilaModel(nn.Module):
     """A visual language model composed of registered components."""
 
-    def __init__(self, spec: ModelSpec | dict[str, Any], registry: Registry | None = None,
-                 tokenizer: Any = None, max_length: int = 2048) -> None:
+    def __init__(self, spec: ModelSpec | Mapping[str, Any], registry: Registry | None = None,
+                 tokenizer: Any = None) -> None:
         super().__init__()
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
-        validate_all({part: (part, getattr(self.spec, part)) for part in MODEL_PARTS}, registry)
+        self.spec.validate(registry)
         self.encoder = build("encoder", self.spec.encoder, registry)
         self.compressor = build("compressor", self.spec.compressor, registry, in_channels=self.encoder.out_channels)
         self.temporal = build("temporal", self.spec.temporal, registry)
@@ -78,7 +117,7 @@ class NvilaModel(nn.Module):
         frame_end = self.temporal.frame_end
         frame_end_ids = self.tokenizer(frame_end, add_special_tokens=False).input_ids if frame_end else []
         self.processor = NvilaProcessor(self.tokenizer, self.encoder.processor(), self.tokens_per_block,
-                                        max_length, frames_out=self.temporal.output_frames,
+                                        self.spec.max_length, frames_out=self.temporal.output_frames,
                                         frame_end_ids=frame_end_ids)
         self.image_token_id = self.processor.image_token_id
         self.video_token_id = self.processor.video_token_id
@@ -161,33 +200,41 @@ class NvilaModel(nn.Module):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
         return embeds
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      pixels: torch.Tensor | None = None, grids: list[tuple[int, int]] | None = None,
+                      position_ids: torch.Tensor | None = None, videos: torch.Tensor | None = None,
+                      video_grids: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """The language model's last hidden states, before the output layer: (B, L, D).
+
+        Memory-lean training objectives (``nvila.workflows.objectives``) take these instead of full logits.
+        """
+        embeds, attention_mask = self._inputs(input_ids, attention_mask, pixels, grids, videos, video_grids)
+        return self.llm.hidden_states(embeds, attention_mask=attention_mask, position_ids=position_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 pixels: torch.Tensor | None = None, grids: list[tuple[int, int]] | None = None,
-                labels: torch.Tensor | None = None, loss: str = "standard",
-                loss_chunk_size: int = 1024, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 videos: torch.Tensor | None = None,
                 video_grids: list[tuple[int, int, int]] | None = None) -> dict[str, torch.Tensor]:
-        """Logits and (with labels) the loss; ``loss`` 'chunked' or 'fused' skip the full logits tensor.
+        """Logits and, with labels, the mean next-token cross-entropy over supervised tokens.
 
         ``attention_mask`` is (B, L) for padded batches, or (B, 1, L, L) additive for packed ones, which also
         pass ``position_ids`` (B, L) restarting at each packed sample (see ``nvila.core.data.packing``).
         """
-        embeds = self.embed(input_ids, pixels, grids or [], videos, video_grids)
-        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.is_floating_point():
-            attention_mask = attention_mask.to(embeds.dtype)  # SDPA wants the query's dtype
-        if labels is not None and loss != "standard":
-            hidden = self.llm.hidden_states(embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids)  # (B, L, D)
-            if loss == "chunked":
-                return {"loss": chunked_loss(hidden, self.llm.output_layer(), labels, loss_chunk_size)}
-            if loss == "fused":
-                return {"loss": fused_loss(hidden, self.llm.output_layer(), labels)}
-            raise NvilaError(f"Unknown loss '{loss}'; choose one of {', '.join(LOSSES)}.")
+        embeds, attention_mask = self._inputs(input_ids, attention_mask, pixels, grids, videos, video_grids)
         logits = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids)  # (B, L, V)
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = standard_loss(logits, labels)
         return out
+
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixels: torch.Tensor | None,
+                grids: list[tuple[int, int]] | None, videos: torch.Tensor | None,
+                video_grids: list[tuple[int, int, int]] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds = self.embed(input_ids, pixels, grids or [], videos, video_grids)
+        if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(embeds.dtype)  # SDPA wants the query's dtype
+        return embeds, attention_mask
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,

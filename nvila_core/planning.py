@@ -19,14 +19,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nvila.core.errors import NvilaError
-from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
+from nvila.core.model import ModelSpec, NvilaModel
 from nvila.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class Planner:
         plan = self.processor.plan(width, height)
         tile_grid = getattr(self.processor, "tile_grid", None)
         tiles_at_largest = tile_grid(width, height) if tile_grid else plan.grid
-        return self._plan(f"image {height}x{width} (HxW)", plan.tiles, [plan.grid], tiles_at_largest, plan.grid,
+        return self._plan(f"image {width} wide x {height} high", plan.tiles, [plan.grid], tiles_at_largest, plan.grid,
                           text_tokens, ())
 
     def video(self, frames: int, text_tokens: int = 0) -> Plan:
@@ -236,25 +235,6 @@ def _activation_peak(tracker: Any) -> int:
         if torch.device(device).type == "meta":
             return sum(v for k, v in kinds.items() if getattr(k, "value", k) in ("Activation", "Temp"))
     return 0
-
-
-def model_spec_from_recipe(recipe: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The model parts of a recipe file, with dotted ``model.part.key=value`` overrides applied."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        config = OmegaConf.load(recipe)
-        if overrides:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
-    except (OSError, OmegaConfBaseException) as exc:
-        raise NvilaError(f"Cannot read recipe '{recipe}': {exc}") from None
-    model = OmegaConf.to_container(config.get("model") or {}, resolve=True)
-    spec = {part: model[part] for part in MODEL_PARTS if part in model}
-    if "encoder" not in spec or "llm" not in spec:
-        raise NvilaError(f"Recipe '{recipe}' has no model.encoder / model.llm to plan; plan a complete recipe "
-                         "(a stage or strategy fragment has none).")
-    return spec
 
 
 def _flops(n: int) -> str:

@@ -41,6 +41,7 @@ from nvila.core.interfaces import (
     TemporalCompressor,
     VisionEncoder,
 )
+from nvila.core.model import ModelSpec
 from nvila.core.registry import Component, Registry
 from nvila.core.specs import resolve, to_spec
 
@@ -238,14 +239,14 @@ KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {
 """The kind-specific checks (pruners have their own, below); other kinds get the config checks and a warning."""
 
 
-TINY_MODEL = {
-    "encoder": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                "num_layers": 1, "num_heads": 2, "feature_layer": -1},
-    "compressor": {"name": "stc", "ratio": 2},
-    "projector": {"name": "mlp"},
-    "llm": {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
-            "num_kv_heads": 1},
-}
+TINY_MODEL = ModelSpec(
+    encoder={"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+             "num_layers": 1, "num_heads": 2, "feature_layer": -1},
+    compressor={"name": "stc", "ratio": 2},
+    projector={"name": "mlp"},
+    llm={"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+         "num_kv_heads": 1},
+)
 """A tiny model built from nvila's own components, for checks that need one (pruners score with models)."""
 
 

@@ -25,11 +25,10 @@ from nvila.core.data.shards import SampleDecoder, decoded_stream
 from nvila.core.data.synthetic import make_sample
 from nvila.core.data.video import VideoSampling, decode_video, encode_video
 from nvila.core.model import NvilaModel
-from nvila.core.planning import model_spec_from_recipe
 from nvila.core.processor import Encoded
-from nvila.workflows.cli import recipe_path
+from nvila.workflows.cli import model_spec, read_recipe
 
-DEMO = model_spec_from_recipe(recipe_path("demo"))  # the demo recipe's model
+DEMO = model_spec(read_recipe(["--config", "demo"])).to_dict()  # the demo recipe's model
 
 
 def photo(rng: random.Random, size=(640, 480)) -> Image.Image:
@@ -70,7 +69,7 @@ def bench_pipeline(args: argparse.Namespace) -> None:
         jpegs.append({"__key__": f"i{i:05d}", "jpg": buf.getvalue(), "json": record})
     shard = write_shard(tmp / "images.tar", jpegs)
     spec448 = {**DEMO, "encoder": {**DEMO["encoder"], "image_size": 448, "patch_size": 14}}
-    model = NvilaModel(spec448, max_length=2048)
+    model = NvilaModel({**spec448, "max_length": 2048})
     rate, n = per_worker(shard, SampleDecoder(model.processor))
     print(f"image 640x480 JPEG -> SigLIP 448 px tile + tokenize + batch: {rate:.0f} samples/s per worker ({n} samples)")
 
@@ -80,7 +79,7 @@ def bench_pipeline(args: argparse.Namespace) -> None:
         buf = io.BytesIO()
         s.image.save(buf, format="PNG")
         demo_images.append({"__key__": s.key, "png": buf.getvalue(), "json": json.dumps(s.conversation()).encode()})
-    demo = NvilaModel(DEMO, max_length=256)
+    demo = NvilaModel({**DEMO, "max_length": 256})
     rate, n = per_worker(write_shard(tmp / "demo.tar", demo_images), SampleDecoder(demo.processor))
     print(f"demo sample (64 px PNG) -> demo model's processor: {rate:.0f} samples/s per worker ({n} samples)")
 
@@ -121,7 +120,7 @@ def mixed_samples(model: NvilaModel, count: int, seed: int = 0) -> list[Encoded]
 
 def bench_packing(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    model = NvilaModel(DEMO, max_length=512)
+    model = NvilaModel({**DEMO, "max_length": 512})
     pad = model.tokenizer.pad_token_id
     samples = mixed_samples(model, args.samples)
     lengths = [len(s.input_ids) for s in samples]

@@ -51,7 +51,7 @@ COMPRESSORS = {"identity": {"name": "identity"}, "stc-2x2": {"name": "stc", "rat
 def build(size: str, compressor: dict) -> NvilaModel:
     torch.manual_seed(0)
     spec = {**SIZES[size], "compressor": compressor, "projector": {"name": "mlp"}}
-    return NvilaModel(spec, max_length=8192).eval()
+    return NvilaModel({**spec, "max_length": 8192}).eval()
 
 
 @torch.no_grad()

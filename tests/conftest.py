@@ -20,7 +20,7 @@ def registry():
 
 @pytest.fixture(scope="session")
 def tiny_spec() -> dict:
-    return {k: dict(v) for k, v in TINY_MODEL.items()}
+    return TINY_MODEL.to_dict()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import sys
 
 
 def nvila(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "nvila.core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvila.workflows", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 

@@ -1,1 +1,2 @@
-"""Lightning workflows (SFT for now) and the Lightning CLI that runs them from recipes."""
+"""What users run: the `nvila` command (`commands.py`), the Lightning training stages and their recipes,
+evaluation, pruning, benchmarks and sweeps. See docs/architecture.md."""

@@ -145,7 +145,8 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
     With ``max_batch: true`` (CUDA only) the batch size is first raised until CUDA runs out of memory,
     and the largest that trains is the one measured.
     """
-    from nvila.workflows.module import NvilaModule
+    from nvila.workflows.module import build_module
+    from nvila.workflows.objectives import OBJECTIVES
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +158,7 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
     parts = {part: {**spec, **settings.pop(f"{part}_overrides", {})} for part, spec in MID_MODEL.items()}
     if search and device != "cuda":
         raise NvilaError(f"'{name}' searches the largest batch by running CUDA out of memory: it needs a CUDA GPU.")
-    module = NvilaModule(**parts, **settings)
+    module = build_module(**parts, **settings)
     if vocab:
         module.model.llm.resize_vocab(vocab)
     module.to(device)
@@ -171,8 +172,8 @@ def run_one(name: str, settings: dict[str, Any]) -> Result:
 
     def step(batch: dict[str, Any]) -> None:
         with torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            out = module.model(**batch, loss=module.hparams.loss, loss_chunk_size=module.hparams.loss_chunk_size)
-        out["loss"].backward()
+            loss = OBJECTIVES[module.settings.loss](module.model, batch, module.settings.loss_chunk_size)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

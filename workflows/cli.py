@@ -7,7 +7,11 @@ interpolations once, after every source (recipe files and command-line overrides
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from nvila.core.errors import NvilaError
+from nvila.core.model import ModelSpec
 from nvila.core.specs import IMPORT_PATH_KEYS
 from nvila.workflows.callbacks import DataHealthLogger, ExportCheckpoint, TrainingThroughput
 from nvila.workflows.datamodule import NvilaDataModule
-from nvila.workflows.module import NvilaModule
+from nvila.workflows.module import build_module
 
 RECIPES = files("nvila.workflows") / "recipes"
 
@@ -84,7 +89,7 @@ class NvilaCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         self.export = ExportCheckpoint()
         super().__init__(
-            NvilaModule, NvilaDataModule, subclass_mode_model=False, subclass_mode_data=False,
+            build_module, NvilaDataModule, subclass_mode_model=False, subclass_mode_data=False,
             parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, args=args, run=run, **kwargs)
 
@@ -125,7 +130,7 @@ class NvilaCLI(LightningCLI):
                                  "stores frozen weights in bf16): set model.precision.frozen_in_bf16=false.")
             # shard per transformer layer, using the layer classes each component names
             layers = self.model.model.fsdp_wrap_modules()
-            checkpointed = layers if self.model.hparams.gradient_checkpointing else None
+            checkpointed = layers if self.model.settings.gradient_checkpointing else None
             kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=layers, activation_checkpointing_policy=checkpointed)
         callbacks = list(config.get("callbacks") or []) + [self.export, DataHealthLogger(), TrainingThroughput()]
         kwargs["callbacks"] = callbacks
@@ -134,7 +139,6 @@ class NvilaCLI(LightningCLI):
 
 def _check_group_fits_frames(config: Any) -> None:
     """Refuse, before anything is built, a temporal group larger than the frames each video is sampled to."""
-    from nvila.core.model import ModelSpec
     from nvila.core.plugins import default_registry
     from nvila.core.specs import resolve
 
@@ -149,6 +153,38 @@ def _check_group_fits_frames(config: Any) -> None:
         raise NvilaError(f"model.temporal.group = {group} is larger than data.video_frames = {frames}: every "
                          f"video would pool into one partial group. Valid range: 1..{frames}; lower the group "
                          "or sample more frames.")
+
+
+class _ParseOnly(NvilaCLI):
+    def instantiate_classes(self) -> None:  # parse, merge and validate; build nothing
+        pass
+
+
+def read_recipe(args: Sequence[str]) -> dict[str, Any]:
+    """A recipe exactly as ``nvila fit`` reads it, without building anything: stacked ``--config`` files
+    (shipped names or paths), dotted overrides (``--model.compressor.ratio=3``) and interpolations resolved.
+
+    ``plan``, ``sweep`` and ``bench`` read recipes here, so they see what ``fit`` would train.
+    """
+    stderr = io.StringIO()
+    logging.disable(logging.INFO)  # Lightning's "Seed set to 0": nothing is run here
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            warnings.filterwarnings("ignore", message="No seed found")
+            return _ParseOnly(args=refuse_import_paths(list(args)), run=False, seed_everything_default=False,
+                              ).config.as_dict()
+    except SystemExit:
+        errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
+        raise NvilaError(f"the recipe and overrides are refused: "
+                         f"{errors[-1] if errors else stderr.getvalue()[-500:]} (see `nvila fit --help`).") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def model_spec(config: Mapping[str, Any]) -> ModelSpec:
+    """The :class:`ModelSpec` in a recipe read by :func:`read_recipe` (its ``model:`` section's spec fields)."""
+    return ModelSpec.pick(config.get("model") or {})
 
 
 def run_cli(args: list[str]) -> NvilaCLI:

@@ -7,80 +7,76 @@ directory), and memory switches (``gradient_checkpointing``, ``loss``).
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, get_type_hints
 
 import lightning as L
 import torch
 
 from nvila.core.checkpoint import load_tokenizer, load_weights
 from nvila.core.errors import NvilaError
-from nvila.core.losses import LOSSES
 from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
 from nvila.core.processor import IGNORE_INDEX
 from nvila.core.registry import did_you_mean
-from nvila.core.specs import build, validate_all
+from nvila.core.specs import build
+from nvila.workflows.objectives import OBJECTIVES
 from nvila.workflows.peft import apply_peft, parse_peft
 
 
+@dataclass
+class TrainingSettings:
+    """How a stage trains the model (everything a recipe's ``model:`` section holds besides the ModelSpec)."""
+
+    init_from: str | None = field(default=None, metadata={
+        "doc": "checkpoint directory (the previous stage's) whose weights and tokenizer to start from"})
+    freeze: list[str] | None = field(default=None, metadata={
+        "doc": "modules to keep frozen: model parts (encoder, compressor, projector, llm) or dotted submodule "
+               "paths (encoder.vision.encoder.layers.0)"})
+    peft: dict | None = field(default=None, metadata={
+        "doc": "parameter-efficient fine-tuning, e.g. {lora: {r: 16}, vision: layernorm}; None trains every "
+               "unfrozen parameter"})
+    lr: float = field(default=1e-3, metadata={"doc": "peak learning rate of AdamW (the language model's)"})
+    lr_multipliers: dict[str, float] | None = field(default=None, metadata={
+        "doc": "per-part factors on lr, e.g. {encoder: 0.1} (NVILA: vision 5-50x lower)"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
+    warmup_steps: int = field(default=50, metadata={"doc": "linear warm-up steps before the cosine decay"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "doc": "recompute encoder and language-model activations in backward"})
+    loss: str = field(default="standard", metadata={
+        "doc": f"training objective: {', '.join(OBJECTIVES)} (see nvila.workflows.objectives)"})
+    loss_chunk_size: int = field(default=1024, metadata={"doc": "positions per chunk for the chunked loss"})
+
+
 class NvilaModule(L.LightningModule):
-    """Trains an NVILA model whose parts are plugin specs (plain dicts resolved by the registry).
+    """Trains an NVILA model: a :class:`ModelSpec` (what the model is) plus :class:`TrainingSettings` (how)."""
 
-    Args:
-        encoder: vision encoder spec, e.g. ``{name: siglip, feature_layer: -2}``.
-        compressor: token compressor spec, e.g. ``{name: stc, ratio: 2}``.
-        temporal: temporal compressor spec for video, e.g. ``{name: temporal-average, group: 8}``.
-        projector: projector spec, e.g. ``{name: mlp}``.
-        llm: language model spec, e.g. ``{name: qwen2, checkpoint: /path/to/Qwen2-7B}``.
-        precision: precision backend spec, e.g. ``{name: fp32}``; sets the Trainer's precision.
-        init_from: checkpoint directory (the previous stage's) whose weights and tokenizer to start from.
-        freeze: modules to keep frozen: model parts (encoder, compressor, projector, llm) or dotted
-            submodule paths (``encoder.vision.encoder.layers.0``).
-        peft: parameter-efficient fine-tuning, e.g. ``{lora: {r: 16}, vision: layernorm}``; None trains
-            every unfrozen parameter.
-        lr: peak learning rate of AdamW (the language model's).
-        lr_multipliers: per-part factors on ``lr``, e.g. ``{encoder: 0.1}`` (NVILA: vision 5-50x lower).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps before the cosine decay.
-        max_length: longest tokenized sample, visual tokens included.
-        gradient_checkpointing: recompute encoder and language-model activations in backward.
-        loss: 'standard' (full logits), 'chunked' (memory-lean, any device) or 'fused' (Liger, CUDA).
-        loss_chunk_size: positions per chunk for the chunked loss.
-    """
-
-    def __init__(self, encoder: dict | None = None, compressor: dict | None = None,
-                 projector: dict | None = None, llm: dict | None = None, precision: dict | None = None,
-                 init_from: str | None = None, freeze: list[str] | None = None, peft: dict | None = None,
-                 lr: float = 1e-3, lr_multipliers: dict[str, float] | None = None, weight_decay: float = 0.0,
-                 warmup_steps: int = 50, max_length: int = 2048, gradient_checkpointing: bool = False,
-                 loss: str = "standard", loss_chunk_size: int = 1024, temporal: dict | None = None) -> None:
+    def __init__(self, spec: ModelSpec, settings: TrainingSettings | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        defaults = ModelSpec()
-        spec = ModelSpec(encoder=encoder or defaults.encoder, compressor=compressor or defaults.compressor,
-                         projector=projector or defaults.projector, llm=llm or defaults.llm,
-                         temporal=temporal or defaults.temporal)
-        validate_all({"model.precision": ("precision", precision or {"name": "fp32"}),
-                      **{f"model.{part}": (part, getattr(spec, part)) for part in MODEL_PARTS}})
-        if loss not in LOSSES:
-            raise NvilaError(f"model.loss '{loss}' is unknown.{did_you_mean(loss, list(LOSSES))} "
-                             f"Choose one of: {', '.join(LOSSES)}.")
-        unknown = sorted(set(lr_multipliers or {}) - set(MODEL_PARTS))
+        self.spec, self.settings = spec, settings or TrainingSettings()
+        self.save_hyperparameters({**spec.to_dict(), **asdict(self.settings)})
+        self.spec.validate(prefix="model.")
+        train = self.settings
+        if train.loss not in OBJECTIVES:
+            raise NvilaError(f"model.loss '{train.loss}' is unknown.{did_you_mean(train.loss, list(OBJECTIVES))} "
+                             f"Choose one of: {', '.join(OBJECTIVES)}.")
+        unknown = sorted(set(train.lr_multipliers or {}) - set(MODEL_PARTS))
         if unknown:
             raise NvilaError(f"model.lr_multipliers names {unknown}; the model's parts are {', '.join(MODEL_PARTS)}.")
-        peft_settings = parse_peft(peft) if peft is not None else None
-        self.precision_backend = build("precision", precision or {"name": "fp32"})
+        peft_settings = parse_peft(train.peft) if train.peft is not None else None
+        self.precision_backend = build("precision", self.spec.precision)
         self.precision_backend.check_available()
 
-        tokenizer = load_tokenizer(init_from) if init_from else None
-        self.model = NvilaModel(spec, tokenizer=tokenizer, max_length=max_length)
-        if init_from:
-            load_weights(self.model, init_from)
+        tokenizer = load_tokenizer(train.init_from) if train.init_from else None
+        self.model = NvilaModel(self.spec, tokenizer=tokenizer)
+        if train.init_from:
+            load_weights(self.model, train.init_from)
         if peft_settings is not None:
             apply_peft(self.model, peft_settings)
-        for name in freeze or []:
+        for name in train.freeze or []:
             self._submodule(name).requires_grad_(False)
-        if gradient_checkpointing:
+        if train.gradient_checkpointing:
             for part in (self.model.encoder, self.model.llm):
                 try:
                     part.enable_gradient_checkpointing()
@@ -100,10 +96,9 @@ class NvilaModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(**batch, loss=self.hparams.loss, loss_chunk_size=self.hparams.loss_chunk_size)
-        size = batch["input_ids"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
-        return out["loss"]
+        loss = OBJECTIVES[self.settings.loss](self.model, batch, self.settings.loss_chunk_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch)
@@ -114,20 +109,20 @@ class NvilaModule(L.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters grouped by model part, each with its own learning rate."""
-        multipliers = self.hparams.lr_multipliers or {}
+        multipliers = self.settings.lr_multipliers or {}
         groups = []
         for part in MODEL_PARTS:
             params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
             if params:
-                groups.append({"name": part, "params": params, "lr": self.hparams.lr * multipliers.get(part, 1.0)})
+                groups.append({"name": part, "params": params, "lr": self.settings.lr * multipliers.get(part, 1.0)})
         if not groups:
             raise NvilaError("Every part of the model is frozen: nothing to train. Check `model.freeze`.")
         return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.settings.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        warmup = self.hparams.warmup_steps
+        warmup = self.settings.warmup_steps
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -147,3 +142,32 @@ def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     supervised = targets != IGNORE_INDEX
     wrong = (predicted != targets) & supervised
     return (~wrong.any(-1)).float()  # (B,)
+
+
+def build_module(**section: Any) -> NvilaModule:
+    """An :class:`NvilaModule` from a recipe's flat ``model:`` section (spec fields and training settings mixed).
+
+    Args:
+{args}
+    """
+    spec_keys = {f.name for f in fields(ModelSpec)}
+    settings = TrainingSettings(**{k: v for k, v in section.items() if k not in spec_keys})
+    return NvilaModule(ModelSpec.pick(section), settings)
+
+
+def _section_signature() -> inspect.Signature:
+    """The ``model:`` section's keys, typed and with defaults: ModelSpec's fields, then TrainingSettings'."""
+    params = []
+    for settings in (ModelSpec, TrainingSettings):
+        hints = get_type_hints(settings)
+        for f in fields(settings):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=hints[f.name]))
+    return inspect.Signature(params, return_annotation=NvilaModule)
+
+
+# What LightningCLI reads to type-check `model.*` and print `--help`: derived, so the dataclasses stay the one list.
+build_module.__signature__ = _section_signature()
+build_module.__doc__ = build_module.__doc__.format(args="\n".join(
+    f"        {f.name}: {f.metadata['doc']}" for settings in (ModelSpec, TrainingSettings) for f in fields(settings)))

@@ -24,9 +24,7 @@ larger than the frames, a key that is not a field of the plugin.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import itertools
 import json
 import logging
@@ -37,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +47,7 @@ from nvila.core.errors import NvilaError
 from nvila.core.model import MODEL_PARTS, ModelSpec
 
 log = logging.getLogger(__name__)
-SPEC_SLOTS = tuple(f"model.{part}" for part in (*MODEL_PARTS, "precision"))
+SPEC_SLOTS = tuple(f"model.{slot}" for slot in ModelSpec.slots())
 """Recipe keys whose value is a component spec (a dict with ``name``)."""
 RESULT_COLUMNS = ("visual_tokens_per_image", "trainable_params", "prefill_ms", "train_samples_per_s",
                   "val_loss", "val_accuracy")
@@ -111,11 +108,9 @@ def _slot_of(key: str) -> tuple[str, str | None] | None:
 
 
 def _base_spec(base: dict[str, Any], slot: str) -> dict[str, Any]:
+    """The spec in ``slot`` of the base recipe, or the model's default spec for a slot the recipe leaves out."""
     spec = _get(base, slot)
-    if isinstance(spec, dict):
-        return dict(spec)
-    part = slot.split(".", 1)[1]
-    return dict(getattr(ModelSpec(), part)) if part in MODEL_PARTS else {"name": "fp32"}
+    return dict(spec) if isinstance(spec, dict) else getattr(ModelSpec(), slot.split(".", 1)[1])
 
 
 def _value(value: Any) -> str:
@@ -187,10 +182,10 @@ class Run:
 
 def plan_runs(config: str, axes: Sequence[Axis], out: Path, extra: Sequence[str]) -> list[Run]:
     """One Run per combination, each with its own log directory under ``out/runs``."""
-    from nvila.workflows.cli import recipe_path
+    from nvila.workflows.cli import read_recipe, recipe_path
 
     config_path = str(Path(recipe_path(config)).resolve())
-    base = yaml.safe_load(Path(config_path).read_text()) or {}
+    base = read_recipe(["--config", config_path, *extra])
     check_pass_through(extra, axes)
     runs = []
     for i, combo in enumerate(combinations(axes)):
@@ -216,52 +211,28 @@ def preflight(runs: Sequence[Run]) -> None:
 
 def _check_run(args: list[str]) -> None:
     from nvila.core.data.shards import find_shards
-    from nvila.workflows.cli import NvilaCLI, refuse_import_paths
-    from nvila.workflows.module import NvilaModule
+    from nvila.workflows.cli import read_recipe
+    from nvila.workflows.module import build_module
 
-    class ParseOnly(NvilaCLI):
-        def instantiate_classes(self) -> None:  # parse and validate the command line, build nothing
-            pass
-
-    stderr = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), _quiet_logs():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            warnings.filterwarnings("ignore", message="No seed found")
-            config = ParseOnly(args=refuse_import_paths(args), run=False).config
-    except SystemExit:
-        errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
-        raise NvilaError(f"`nvila fit` refuses its arguments: {errors[-1] if errors else stderr.getvalue()[-500:]}. "
-                         "A grid key must be a key of the recipe (see `nvila fit --help`).") from None
-    model_args = config.model.as_dict()
+    config = read_recipe(args)
     try:
         with torch.device("meta"):
-            NvilaModule(**model_args)
+            build_module(**config["model"])
     except NvilaError:
         raise
     except Exception as exc:  # a component that cannot be built on the meta device: check it when it runs
         log.warning("could not pre-build the model on the meta device (%s: %s); it is checked when it runs",
                     type(exc).__name__, exc)
-    find_shards(config.data.train)
-    if config.data.val:
-        find_shards(config.data.val)
-
-
-@contextlib.contextmanager
-def _quiet_logs():
-    """Silence INFO logs (Lightning's "Seed set to 0") while a run is only checked."""
-    logging.disable(logging.INFO)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
+    find_shards(config["data"]["train"])
+    if config["data"]["val"]:
+        find_shards(config["data"]["val"])
 
 
 def execute(run: Run) -> None:
     """Run one combination's ``nvila fit`` in a subprocess; its output goes to ``<root>/fit.log``."""
     run.root.mkdir(parents=True, exist_ok=True)
     with open(run.root / "fit.log", "w") as output:
-        done = subprocess.run([sys.executable, "-m", "nvila.core.cli", *run.args], stdout=output,
+        done = subprocess.run([sys.executable, "-m", "nvila.workflows", *run.args], stdout=output,
                               stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         lines = [line for line in (run.root / "fit.log").read_text().splitlines() if line.strip()]

@@ -2,11 +2,12 @@ import random
 
 import pytest
 import torch
+import yaml
 
-from nvila.core.checkpoint import load_checkpoint, save_checkpoint
+from nvila.core.checkpoint import load_checkpoint, read_spec, save_checkpoint
 from nvila.core.data.synthetic import make_sample
 from nvila.core.errors import NvilaError
-from nvila.core.model import NvilaModel
+from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
 from nvila.core.processor import IGNORE_INDEX, collate
 
 
@@ -105,3 +106,26 @@ def test_a_checkpoint_of_another_architecture_is_refused(model, tmp_path, tiny_s
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(NvilaError, match="not an nvila checkpoint directory: missing spec.yaml"):
         load_checkpoint(tmp_path)
+
+
+def test_the_spec_is_the_one_list_of_parts_and_checkpoints_keep_all_of_it(tiny_spec, registry, tmp_path):
+    assert MODEL_PARTS == ("encoder", "compressor", "temporal", "projector", "llm")  # submodules, data-flow order
+    assert ModelSpec.slots() == {**{p: p for p in MODEL_PARTS}, "precision": "precision"}
+    spec = {**tiny_spec, "precision": {"name": "bf16", "frozen_in_bf16": True}, "max_length": 300}
+    path = save_checkpoint(NvilaModel(spec, registry), tmp_path / "ckpt")
+    assert read_spec(path) == ModelSpec.from_dict(spec)  # precision and max_length recorded, not dropped
+    assert load_checkpoint(path).processor.max_length == 300
+
+
+def test_a_checkpoint_written_before_the_spec_held_max_length_still_loads(model, tmp_path):
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    saved = yaml.safe_load((path / "spec.yaml").read_text())
+    old = {"model": {k: v for k, v in saved["model"].items() if k not in ("precision", "max_length")},
+           "max_length": 123}
+    (path / "spec.yaml").write_text(yaml.safe_dump(old))
+    assert read_spec(path).max_length == 123 and read_spec(path).precision == {"name": "fp32"}
+
+
+def test_an_unknown_spec_field_is_refused_with_a_suggestion(tiny_spec):
+    with pytest.raises(NvilaError, match="Unknown model field.*'compresor'.*Did you mean 'compressor'"):
+        ModelSpec.from_dict({**tiny_spec, "compresor": {"name": "stc"}})

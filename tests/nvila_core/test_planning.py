@@ -6,12 +6,11 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nvila.core.cli import main
-from nvila.core.errors import NvilaError
 from nvila.core.model import NvilaModel
-from nvila.core.planning import Planner, model_spec_from_recipe
+from nvila.core.planning import Planner
 from nvila.core.plugins import load_plugins
-from nvila.workflows.cli import recipe_path
+from nvila.workflows.cli import NvilaCLI, model_spec, read_recipe, refuse_import_paths
+from nvila.workflows.commands import main
 
 COMPRESSORS = load_plugins(strict=True).registry.names("compressor")
 # tall, wide, square, tiny and huge images, as (width, height)
@@ -108,25 +107,27 @@ def test_activation_memory_and_kv_cache_are_planned():
     ("nvila-lite-2b", (448, 448), 1, (1, 1), 121),         # one tile, no thumbnail
 ])
 def test_released_presets_plan_without_weights(recipe, size, tiles, grid, tokens):
-    planner = Planner(model_spec_from_recipe(recipe_path(recipe)), measure_memory=False)
+    planner = Planner(model_spec(read_recipe(['--config', recipe])), measure_memory=False)
     assert next(planner.model.parameters()).device.type == "meta"
     plan = planner.image(*size)
     assert (plan.tiles, plan.block_grid, plan.visual_tokens) == (tiles, grid, tokens)
 
 
 def test_nvila_plan_prints_a_table(capsys):
-    assert main(["plan", "--config", "nvila-8b-tiny", "--image-size", "20x300", "--text-tokens", "5",
+    assert main(["plan", "--config", "nvila-8b-tiny", "--image-size", "300x20", "--text-tokens", "5",
                  "--model.encoder.max_tiles=9"]) == 0
     out = capsys.readouterr().out
-    assert "image 20x300 (HxW)" in out and "largest-scale grid 1 x 9" in out
+    assert "image 300 wide x 20 high" in out and "largest-scale grid 1 x 9" in out
     assert "llm prefill" in out and "prefill length 41" in out  # 9 blocks x 4 tokens + 5 text tokens
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--image-size", "wide"], "HEIGHTxWIDTH"),
+    (["--image-size", "wide"], "WIDTHxHEIGHT"),
+    (["--image-size", "1920x1080x3"], "WIDTHxHEIGHT"),
+    (["--image-size", "1920*1080"], "WIDTHxHEIGHT"),
     (["--model.encoder.max_tiles=4"], "max_tiles 4 is below"),
     (["--frames", "0"], "at least one frame"),
-    (["--image-size", "0x10"], "is empty"),
+    (["--image-size", "0x10"], "WIDTHxHEIGHT"),
     (["--bogus"], "unrecognised argument"),
 ])
 def test_nvila_plan_reports_bad_input_in_one_line(capsys, args, message):
@@ -134,6 +135,19 @@ def test_nvila_plan_reports_bad_input_in_one_line(capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_fragments_have_no_model_to_plan():
-    with pytest.raises(NvilaError, match="no model.encoder"):
-        model_spec_from_recipe(recipe_path("stages/sft"))
+def test_landscape_sizes_are_width_first(capsys):
+    assert main(["plan", "--config", "nvila-8b", "--image-size", "1920x1080"]) == 0
+    out = capsys.readouterr().out
+    assert "image 1920 wide x 1080 high" in out and "largest-scale grid 3 x 4" in out  # 3 rows, 4 columns
+    assert "visual tokens into the LLM: 3,072" in out
+
+
+def test_plan_reads_stacked_recipes_and_overrides_exactly_as_fit(tmp_path, capsys, synth_data):
+    args = ["--config", "demo", "--config", "stages/peft", "--model.compressor.ratio=4", "--model.max_length=300"]
+    data = [f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}"]
+    fit = NvilaCLI(args=refuse_import_paths([*args, *data, f"--trainer.default_root_dir={tmp_path}"]), run=False)
+    planned = model_spec(read_recipe(args))
+    assert planned == fit.model.spec
+    assert planned.compressor == {"name": "stc", "ratio": 4} and planned.max_length == 300
+    assert main(["plan", "-c", "demo", "-c", "stages/peft", "--model.compressor.ratio=4", "--image-size", "64x64"]) == 0
+    assert "demo + peft" in capsys.readouterr().out

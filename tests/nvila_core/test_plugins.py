@@ -261,7 +261,7 @@ def every_kind_of_broken_plugin(site: Path) -> dict[str, str]:
 
 
 def nvila(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nvila.core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvila.workflows", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 

@@ -84,7 +84,7 @@ class PluginEnv:
         return json.loads(out.stdout)
 
     def nvila(self, *args: str) -> subprocess.CompletedProcess:
-        return self.run("-m", "nvila.core.cli", *args)
+        return self.run("-m", "nvila.workflows", *args)
 
     def pytest(self, package: Path) -> subprocess.CompletedProcess:
         """The package's own test suite, run the way its author runs it: ``pytest`` in its folder."""

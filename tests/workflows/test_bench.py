@@ -25,7 +25,7 @@ def test_peft_and_full_fine_tuning_in_bf16_run_side_by_side():
 
 
 def test_the_command_offers_every_suite():
-    from nvila.core.cli import _parser
+    from nvila.workflows.commands import _parser
 
     bench = next(a for a in _parser()._subparsers._group_actions[0].choices["bench"]._actions if a.dest == "suite")
     assert set(bench.choices) == set(SUITES)
@@ -55,8 +55,8 @@ def test_the_fp8_configurations_train_in_emulation_on_the_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these run for real")
 def test_gpu_only_benchmarks_say_what_they_need(capsys):
-    from nvila.core.cli import main
     from nvila.core.errors import NvilaError
+    from nvila.workflows.commands import main
 
     assert main(["bench", "fp8"]) == 2
     assert "needs an NVIDIA GPU with compute capability 8.9" in capsys.readouterr().err

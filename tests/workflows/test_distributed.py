@@ -39,7 +39,7 @@ def test_each_sample_is_seen_once_per_epoch_across_ranks_and_workers(many_shards
 
 def fit_with_two_processes(data, root, tiny_overrides, *extra):
     out = subprocess.run([
-        sys.executable, "-m", "nvila.core.cli", "fit", "--config", "demo",
+        sys.executable, "-m", "nvila.workflows", "fit", "--config", "demo",
         f"--data.train={data / 'train'}", f"--data.val={data / 'val'}",
         f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.strategy=ddp", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",

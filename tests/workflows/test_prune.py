@@ -9,12 +9,12 @@ import torch
 import webdataset as wds
 
 from nvila.core.checkpoint import load_checkpoint, save_checkpoint
-from nvila.core.cli import main
 from nvila.core.data.shards import SampleDecoder, decoded_stream, find_shards
 from nvila.core.data.synthetic import make_sample
 from nvila.core.model import NvilaModel
 from nvila.core.processor import collate
 from nvila.core.pruning import answer_losses, select
+from nvila.workflows.commands import main
 from nvila.workflows.prune import HISTOGRAM_FILE, REPORT_FILE, SCORES_FILE
 
 SOURCES = {"shapes-a": 30, "shapes-b": 20}

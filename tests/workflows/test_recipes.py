@@ -8,7 +8,7 @@ import yaml
 
 from nvila.core.errors import NvilaError
 from nvila.workflows.cli import NvilaCLI, recipe_fragments, recipe_path, refuse_import_paths, shipped_recipes
-from nvila.workflows.module import NvilaModule
+from nvila.workflows.module import build_module
 
 # Released-size presets (nvila-8b has 8 billion parameters) are built through the same CLI on PyTorch's meta
 # device: every module gets its real class and shapes but no storage, so a wrong key, type or shape fails here
@@ -62,7 +62,7 @@ def test_every_fragment_opens_with_how_to_launch_it_and_names_known_keys(fragmen
     assert text.startswith("#") and "nvila fit --config" in text
     config = yaml.safe_load(text)
     assert set(config) <= {"model", "data", "trainer", "checkpoint"}
-    module_args = set(inspect.signature(NvilaModule.__init__).parameters)
+    module_args = set(inspect.signature(build_module).parameters)
     assert set(config.get("model", {})) <= module_args, set(config.get("model", {})) - module_args
 
 

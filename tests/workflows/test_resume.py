@@ -14,7 +14,7 @@ from nvila.core.data.synthetic import write_split
 
 def fit_command(root, synth_data, tiny_overrides, *extra):
     return [
-        sys.executable, "-m", "nvila.core.cli", "fit", "--config", "demo",
+        sys.executable, "-m", "nvila.workflows", "fit", "--config", "demo",
         f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",
         f"--trainer.default_root_dir={root}", "--trainer.max_steps=48", "--trainer.val_check_interval=1.0",
         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.batch_size=16",

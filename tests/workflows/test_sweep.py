@@ -44,7 +44,7 @@ def test_grid_values_are_yaml_and_whole_specs_go_in_a_list():
 @pytest.fixture
 def base_recipe(tmp_path, synth_data, tiny_spec):
     recipe = {
-        "model": {**{k: dict(v) for k, v in tiny_spec.items()}, "warmup_steps": 2, "max_length": 128},
+        "model": {**tiny_spec, "warmup_steps": 2, "max_length": 128},
         "data": {"train": str(synth_data / "train"), "val": str(synth_data / "val"), "batch_size": 8,
                  "num_workers": 0, "shuffle_buffer": 16},
         "trainer": {"accelerator": "cpu", "max_steps": 6, "val_check_interval": 6, "limit_val_batches": 1,
@@ -56,7 +56,7 @@ def base_recipe(tmp_path, synth_data, tiny_spec):
 
 
 def nvila(*args):
-    return subprocess.run([sys.executable, "-m", "nvila.core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvila.workflows", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -4,12 +4,12 @@ import json
 
 from PIL import Image
 
-from nvila.core.cli import main
 from nvila.core.data.convert import REPORT_FILE
 from nvila.core.data.shards import SampleDecoder, decoded_stream, find_shards, read_records
 from nvila.core.data.skips import Skipped
 from nvila.core.data.video import encode_video
 from nvila.core.model import NvilaModel
+from nvila.workflows.commands import main
 
 
 def turns(question, answer="yes"):

@@ -55,7 +55,7 @@ def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
 
 @pytest.fixture(scope="module")
 def processor(registry, tiny_spec) -> NvilaProcessor:
-    return NvilaModel(tiny_spec, registry, max_length=256).processor
+    return NvilaModel({**tiny_spec, "max_length": 256}, registry).processor
 
 
 @pytest.mark.parametrize("key", CORRUPT)

@@ -1,0 +1,336 @@
+"""The ``nvila`` command: one table, :data:`COMMANDS`, of sub-command -> arguments and the function it runs.
+
+User errors (bad specs, missing shards, broken plugins) print one paragraph and exit with status 2;
+``--debug`` shows the traceback instead. Every command imports what it needs when it runs, so that
+``nvila --help`` and ``nvila plugins`` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvila.core.errors import NvilaError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``nvila`` sub-command: its help line, its arguments, and the function that runs it.
+
+    ``run(args, rest)`` gets the parsed arguments and, when ``passes_through``, the arguments argparse does
+    not know (recipe overrides such as ``--model.compressor.ratio=3``), which it must check itself.
+    """
+
+    help: str
+    run: Callable[[argparse.Namespace, list[str]], None]
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    passes_through: bool = False
+    description: str | None = None
+    parses_itself: bool = False
+    """The command parses (and helps with) all its own arguments: the Lightning CLI's fit and validate."""
+
+
+# -- demo, plugins --------------------------------------------------------------------------------------------
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="nvila-demo", help="folder for data, logs and checkpoints")
+    parser.add_argument("--train-samples", type=int, default=20000)
+    parser.add_argument("--val-samples", type=int, default=500)
+
+
+def _demo(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.demo import run_demo
+
+    run_demo(args.out, args.train_samples, args.val_samples)
+
+
+def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--describe", metavar="NAME", help="print a component's config fields")
+
+
+def _plugins(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.core.plugins import default_plugins
+    from nvila.core.registry import KINDS, did_you_mean
+    from nvila.core.specs import describe as describe_component
+
+    loaded = default_plugins()
+    if args.describe:
+        found = loaded.registry.find(args.describe)
+        if not found:
+            names = sorted({c.name for c in loaded.registry})
+            raise NvilaError(f"No component named '{args.describe}'.{did_you_mean(args.describe, names)} "
+                             f"Registered: {', '.join(names)}.")
+        print("\n\n".join(describe_component(c) for c in found))
+        return
+    for kind, what in KINDS.items():
+        components = [c for c in loaded.registry if c.kind == kind]
+        print(f"{kind} ({what}):")
+        for c in components:
+            origin = f"{c.distribution} {c.version}"
+            print(f"  {c.name:<24} {origin:<22} {c.summary}")
+        if not components:
+            print("  (none registered)")
+    for failure in loaded.failures:
+        print(f"failed: {failure}")
+    for name in loaded.blocked:
+        print(f"disabled by NVILA_DISABLE_PLUGINS: {name}")
+
+
+# -- training (Lightning CLI) ---------------------------------------------------------------------------------
+def _lightning(subcommand: str) -> Callable[[argparse.Namespace, list[str]], None]:
+    def run(args: argparse.Namespace, rest: list[str]) -> None:
+        from nvila.workflows.cli import run_cli
+
+        run_cli([subcommand, *rest])
+
+    return run
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    data_sub = parser.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic shapes task as webdataset shards")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train", type=int, default=20000, help="training samples")
+    synth.add_argument("--val", type=int, default=500, help="validation samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    convert = data_sub.add_parser("convert", help="convert LLaVA JSON plus a media folder into webdataset shards")
+    convert.add_argument("--llava-json", required=True, help="LLaVA-style .json list (or .jsonl) of records")
+    convert.add_argument("--media-root", required=True, help="folder the records' image/video paths are relative to")
+    convert.add_argument("--out", required=True, help="folder for the shards and convert-report.json")
+    convert.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    convert.add_argument("--source", default=None, help="data set name for records without one (default: file stem)")
+
+
+def _data(args: argparse.Namespace, rest: list[str]) -> None:
+    if args.data_command == "convert":
+        from nvila.core.data.convert import REPORT_FILE, convert_llava
+
+        report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source)
+        print(report.summary())
+        print(f"report: {Path(args.out) / REPORT_FILE}")
+        return
+    from nvila.core.data.synthetic import write_dataset
+
+    splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
+    for split, shards in splits.items():
+        print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
+
+
+# -- prune ----------------------------------------------------------------------------------------------------
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pruner", required=True,
+                        help="pruner name (deltaloss, random) or spec, e.g. \"{name: random, seed: 3}\"")
+    parser.add_argument("--keep", type=float, required=True, help="fraction kept within each source data set")
+    parser.add_argument("--in", dest="inp", required=True, help="shards to prune (directory or file)")
+    parser.add_argument("--out", required=True, help="folder for the kept shards and the report")
+    parser.add_argument("--small-ckpt", help="checkpoint directory of the small model (deltaloss)")
+    parser.add_argument("--large-ckpt", help="checkpoint directory of the large model (deltaloss)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="auto")
+    parser.add_argument("--shard-size", type=int, default=1000)
+
+
+def _prune(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.prune import run_prune
+
+    result = run_prune(args.pruner, args.keep, args.inp, args.out, small_ckpt=args.small_ckpt,
+                       large_ckpt=args.large_ckpt, batch_size=args.batch_size, num_workers=args.num_workers,
+                       accelerator=args.accelerator, devices=args.devices, shard_size=args.shard_size)
+    if result is not None:
+        print(result.summary())
+
+
+# -- bench ----------------------------------------------------------------------------------------------------
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8"])
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.bench import markdown, run_suite
+
+    print(markdown(args.suite, run_suite(args.suite)))
+
+
+# -- eval, generate -------------------------------------------------------------------------------------------
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    parser.add_argument("--shards", required=True, help="directory of shards to evaluate on")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _eval(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.core.checkpoint import load_checkpoint
+    from nvila.core.data.shards import find_shards
+    from nvila.workflows.evaluate import evaluate
+
+    shards = find_shards(args.shards)
+    result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
+    print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _generate(args: argparse.Namespace, rest: list[str]) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from nvila.core.checkpoint import load_checkpoint
+    from nvila.core.processor import collate
+
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise NvilaError(f"Cannot read image '{args.image}': {exc}") from None
+    model = load_checkpoint(args.ckpt)
+    encoded = model.processor.encode([{"from": "human", "value": f"<image>\n{args.prompt}"}], [image],
+                                     generation_prompt=True)
+    batch = collate([encoded], model.tokenizer.pad_token_id, left_pad=True)
+    ids = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["grids"],
+                         max_new_tokens=args.max_new_tokens)
+    print(model.tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+
+
+# -- plan -----------------------------------------------------------------------------------------------------
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, action="append",
+                        help="recipe file or shipped recipe name (nvila-8b); repeat to stack fragments, as in fit")
+    parser.add_argument("--image-size", metavar="WxH", default="1920x1080",
+                        help="image width x height in pixels, as PIL's Image.size and ffmpeg write it")
+    parser.add_argument("--frames", type=int, default=None, help="plan a video of N frames instead of an image")
+    parser.add_argument("--text-tokens", type=int, default=0, help="text tokens in the prompt besides the media")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"1920x1080"`` -> ``(1920, 1080)``: width first, as PIL's ``Image.size``, ffmpeg and ImageMagick write it."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise NvilaError(f"--image-size takes WIDTHxHEIGHT in pixels, like 1920x1080 (1920 wide, 1080 high); "
+                         f"got '{text}'.")
+    return int(parts[0]), int(parts[1])
+
+
+def _plan(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.core.planning import Planner, format_plan
+    from nvila.workflows.cli import model_spec, read_recipe
+
+    bad = [o for o in rest if not o.startswith("--") or "=" not in o]
+    if bad:
+        raise NvilaError(f"nvila plan: unrecognised argument(s) {' '.join(bad)}; recipe overrides look like "
+                         "--model.encoder.max_tiles=6, as in nvila fit.")
+    config = read_recipe([arg for recipe in args.config for arg in ("--config", recipe)] + rest)
+    planner = Planner(model_spec(config), dtype=args.dtype)
+    if args.frames is not None:
+        plan = planner.video(args.frames, text_tokens=args.text_tokens)
+    else:
+        width, height = parse_image_size(args.image_size)
+        plan = planner.image(width, height, text_tokens=args.text_tokens)
+    print(format_plan(plan, " + ".join(Path(c).stem for c in args.config)))
+
+
+# -- sweep ----------------------------------------------------------------------------------------------------
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="base recipe (a file, or a shipped name like demo)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="values of one key; repeat for more keys; KEY=[yaml, list] for values with commas")
+    parser.add_argument("--out", default=None, help="results folder (default: sweeps/<date-time>)")
+    parser.add_argument("--dry-run", action="store_true", help="check every run, print its command, run nothing")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing; measure runs that a scheduler already ran into --out")
+    parser.add_argument("--eval-limit", type=int, default=200, help="held-out questions per run")
+
+
+def _sweep(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.sweep import run_sweep
+
+    if args.collect and not args.out:
+        raise NvilaError("--collect reads the runs of an earlier sweep: give its --out folder.")
+    runs = run_sweep(args.config, args.grid, args.out, dry_run=args.dry_run, collect_only=args.collect,
+                     extra=rest, eval_limit=args.eval_limit)
+    if not args.dry_run and all(r.status == "failed" for r in runs):
+        raise NvilaError("every run of the sweep failed; see the error column of results.md")
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("generate data, train a tiny NVILA on the CPU, evaluate it", _demo, _demo_arguments),
+    "plugins": Command("list registered components, or describe one", _plugins, _plugins_arguments),
+    "fit": Command("Lightning CLI `fit` from a recipe (nvila fit --help)", _lightning("fit"), parses_itself=True),
+    "validate": Command("Lightning CLI `validate` from a recipe (nvila validate --help)", _lightning("validate"),
+                        parses_itself=True),
+    "data": Command("data tools", _data, _data_arguments),
+    "prune": Command("score every sample with a pruner and keep a fraction of each data set", _prune,
+                     _prune_arguments),
+    "bench": Command("measure training memory and speed, configurations side by side", _bench, _bench_arguments),
+    "eval": Command("answer held-out questions with a checkpoint and report accuracy", _eval, _eval_arguments),
+    "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
+                    "(no weights needed)", _plan, _plan_arguments, passes_through=True,
+                    description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
+    "generate": Command("answer one question about one image", _generate, _generate_arguments),
+    "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
+                     _sweep_arguments, passes_through=True,
+                     description="Train every combination of --grid values (each a plain `nvila fit` command line, "
+                                 "run one after the other) and write results.csv, results.md and "
+                                 "accuracy_vs_tokens.png. Any other --key=value is passed to every `nvila fit` (e.g. "
+                                 "--trainer.max_steps=200). A grid over SLOT.name (model.compressor.name) starts each "
+                                 "swapped plugin from its own defaults."),
+}
+"""Every ``nvila`` sub-command. Third-party tools add their own commands as plugins of their own, not here."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvila", description="Efficient visual language models, NVILA-style.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.description,
+                                         add_help=not command.parses_itself))
+    return parser
+
+
+def run(argv: list[str]) -> None:
+    """Run one ``nvila`` command line (without the program name)."""
+    command = COMMANDS.get(argv[0]) if argv else None
+    if command is not None and command.parses_itself:
+        command.run(argparse.Namespace(), argv[1:])
+        return
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    command = COMMANDS[args.command]
+    if rest and not command.passes_through:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    command.run(args, rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries with their own INFO handlers print once, not twice
+        handler.setLevel(logging.WARNING)
+    try:
+        run(argv)
+    except NvilaError as exc:
+        if debug:
+            raise
+        print(f"nvila: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
