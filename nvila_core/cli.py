@@ -80,11 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--text-tokens", type=int, default=0, help="text tokens in the prompt besides the media")
     plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
 
-    gen = sub.add_parser("generate", help="answer one question about one image")
-    gen.add_argument("--ckpt", required=True)
-    gen.add_argument("--image", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    from nvila.workflows.generate import add_arguments as generate_arguments
+
+    generate_arguments(sub.add_parser("generate", help="answer a question about images or a video, streaming "
+                                                       "the answer token by token"))
 
     sweep = sub.add_parser(
         "sweep", help="train every combination of a grid of spec values; one table of results",
@@ -134,23 +133,9 @@ def _plugins(describe: str | None) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from nvila.workflows.generate import run as run_generate
 
-    from nvila.core.checkpoint import load_checkpoint
-    from nvila.core.processor import collate
-
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise NvilaError(f"Cannot read image '{args.image}': {exc}") from None
-    model = load_checkpoint(args.ckpt)
-    encoded = model.processor.encode([{"from": "human", "value": f"<image>\n{args.prompt}"}], [image],
-                                     generation_prompt=True)
-    batch = collate([encoded], model.tokenizer.pad_token_id, left_pad=True)
-    ids = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["grids"],
-                         max_new_tokens=args.max_new_tokens)
-    print(model.tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+    run_generate(args)
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
