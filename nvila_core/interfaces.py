@@ -8,6 +8,7 @@ into ``n`` tokens, so an image costs ``rows * cols * n`` visual tokens, known be
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,10 +160,29 @@ class LanguageModel(nn.Module, ABC):
     def output_layer(self) -> nn.Linear:
         """The layer that maps hidden states to vocabulary logits."""
 
-    @abstractmethod
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        """Greedy or sampled continuation with a KV cache -> new token ids (B, <=max_new_tokens)."""
+    def forward_with_cache(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           position_ids: torch.Tensor, cache: Any = None,
+                           last_only: bool = True) -> tuple[torch.Tensor, Any]:
+        """One step of inference: new tokens' embeddings (B, L, D) -> (logits, cache).
+
+        ``cache`` is None for the prompt (prefill) and afterwards what the previous call returned; the
+        inference engine (``nvila.core.engine``) treats it as opaque. ``attention_mask`` (B, past + L) covers
+        the cached tokens and the new ones (0 on left padding); ``position_ids`` (B, L) are the new tokens'
+        positions. Logits are (B, 1, V) for the last new token when ``last_only``, else (B, L, V).
+
+        This default keeps the embeddings and recomputes the whole sequence at every step: correct for any
+        language model, but slow. Backbones with a KV cache (Qwen2) override it.
+        """
+        if not getattr(type(self), "_warned_no_kv_cache", False):
+            type(self)._warned_no_kv_cache = True
+            log.warning("%s has no KV cache (it does not override LanguageModel.forward_with_cache): decoding "
+                        "recomputes the whole sequence at every step.", type(self).__name__)
+        new = inputs_embeds.shape[1]
+        if cache is not None:
+            inputs_embeds = torch.cat([cache[0], inputs_embeds], dim=1)  # (B, past + L, D)
+            position_ids = torch.cat([cache[1], position_ids], dim=1)  # (B, past + L)
+        logits = self(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)  # (B, past + L, V)
+        return logits[:, -1 if last_only else -new:], (inputs_embeds, position_ids)
 
     @abstractmethod
     def resize_vocab(self, size: int) -> None:

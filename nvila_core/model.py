@@ -240,12 +240,22 @@ class NvilaModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,
                  grids: list[tuple[int, int]], max_new_tokens: int = 16, videos: torch.Tensor | None = None,
                  video_grids: list[tuple[int, int, int]] | None = None, **kwargs: Any) -> torch.Tensor:
-        """New token ids for left-padded prompts (greedy unless sampling kwargs are given)."""
-        embeds = self.embed(input_ids, pixels, grids, videos, video_grids)
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        return self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        """New token ids (B, <=max_new_tokens) for left-padded prompts, padded after EOS; greedy unless
+        ``kwargs`` (``DecodingConfig`` fields: temperature, top_p, seed, stop) say otherwise.
+
+        A thin wrapper over :class:`nvila.core.engine.Engine`, which also streams, batches chat requests and
+        reports finish reasons and timings: use the engine in new code.
+        """
+        from nvila.core.engine import DecodingConfig, Engine
+
+        engine = Engine(self)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixels": pixels, "grids": grids,
+                  "videos": videos, "video_grids": video_grids}
+        done = engine.generate_inputs(inputs, DecodingConfig(max_new_tokens=max_new_tokens, **kwargs))
+        out = input_ids.new_full((len(done), max(len(c.token_ids) for c in done)), engine.pad_token_id)
+        for row, completion in zip(out, done):
+            row[:len(completion.token_ids)] = torch.tensor(completion.token_ids)
+        return out
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return self.encoder.fsdp_wrap_modules() | self.llm.fsdp_wrap_modules()

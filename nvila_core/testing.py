@@ -57,6 +57,8 @@ CHECKS: dict[str, str] = {
     "blocks compressed alone": "a compressor's tokens for one block do not depend on the other blocks in the batch",
     "state-dict round-trip": "weights saved with safetensors load back into the module unchanged",
     "pruner scores": "one finite score per sample, deterministic, independent of the other samples in the batch",
+    "kv cache": "a language model's forward_with_cache, prompt then one token at a time, gives the logits of a "
+                "full forward, with left padding",
 }
 """Every check the kit runs, by the name a failure reports."""
 
@@ -217,7 +219,37 @@ def _check_llm(component: Component, config: object) -> nn.Module:
             f"hidden_states() gave {_shape(hidden)} for ids {tuple(ids.shape)}, not {(*ids.shape, llm.hidden_size)}")
     _expect(isinstance(head, nn.Linear) and head.in_features == llm.hidden_size, component, "interface",
             f"output_layer() must be an nn.Linear from hidden_size {llm.hidden_size}, got {head!r}")
+    _check_kv_cache(component, llm, tokenizer)
     return llm
+
+
+def _check_kv_cache(component: Component, llm: LanguageModel, tokenizer: object) -> None:
+    """Prefill 3 tokens, then feed 2 more one at a time: each step's logits equal a full forward's, and a
+    left-padded row (one token shorter) gets the logits it gets alone."""
+    ids = torch.tensor(tokenizer("a b c d e f", add_special_tokens=False).input_ids).repeat(5)[:5]  # (5,)
+    batch = torch.stack([ids, torch.cat([ids[:1], ids[:1], ids[2:]])])  # (2, 5): row 1 is 4 other tokens ...
+    mask = torch.ones_like(batch)
+    mask[1, 0] = 0  # ... after one padding token
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (2, 5)
+    llm.eval()
+    with _check(component, "kv cache"), torch.no_grad():
+        embeds = llm.embed(batch)  # (2, 5, D)
+        full = llm(embeds, attention_mask=mask, position_ids=positions)  # (2, 5, V)
+        alone = llm(embeds[1:, 1:], attention_mask=mask[1:, 1:])  # (1, 4, V)
+        logits, cache = llm.forward_with_cache(embeds[:, :3], mask[:, :3], positions[:, :3])
+        steps = [logits[:, -1]]
+        for t in (3, 4):
+            logits, cache = llm.forward_with_cache(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache)
+            steps.append(logits[:, -1])
+    cached = torch.stack(steps, dim=1)  # (2, 3, V)
+    _expect(_shape(cached) == (2, 3, full.shape[-1]), component, "kv cache",
+            f"forward_with_cache gave logits {_shape(logits)} per step; the contract says (B, 1, V)")
+    _expect(torch.allclose(cached, full[:, 2:], atol=1e-4, rtol=1e-4), component, "kv cache",
+            "logits with the cache differ from a full forward's by "
+            f"{(cached - full[:, 2:]).abs().max().item():.2e}")
+    _expect(torch.allclose(full[1, 1:], alone[0], atol=1e-4, rtol=1e-4), component, "kv cache",
+            "a left-padded row's logits differ from the same tokens alone: padding is attended to, or the "
+            "position ids are ignored")
 
 
 def _check_precision(component: Component, config: object) -> None:

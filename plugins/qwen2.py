@@ -12,7 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from nvila.core.errors import NvilaError
@@ -113,10 +113,14 @@ class Qwen2LM(LanguageModel):
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, use_cache=True, **kwargs)
+    def forward_with_cache(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           position_ids: torch.Tensor, cache: Any = None,
+                           last_only: bool = True) -> tuple[torch.Tensor, Any]:
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits, out.cache  # (B, 1 or L, V); the cache now holds past + L tokens
 
     def resize_vocab(self, size: int) -> None:
         if size > self.model.get_input_embeddings().num_embeddings:

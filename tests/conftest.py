@@ -56,3 +56,21 @@ def tiny_fit_args(synth_data, tiny_overrides) -> Callable[..., list[str]]:
         ]
 
     return args
+
+
+@pytest.fixture(scope="session")
+def varied_model(registry, tiny_spec):
+    """The tiny model with its language model's matrices redrawn at std 0.2, in eval mode: at the default 0.02 it
+    answers one token over and over, and generation tests need answers whose tokens differ. Do not modify it."""
+    import torch
+
+    from nvila.core.model import NvilaModel
+
+    torch.manual_seed(0)
+    model = NvilaModel(tiny_spec, registry).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2, generator=g)
+    return model

@@ -177,30 +177,15 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    from nvila.workflows.generate import add_arguments
+
+    add_arguments(parser)
 
 
 def _generate(args: argparse.Namespace, rest: list[str]) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from nvila.workflows.generate import run
 
-    from nvila.core.checkpoint import load_checkpoint
-    from nvila.core.processor import collate
-
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise NvilaError(f"Cannot read image '{args.image}': {exc}") from None
-    model = load_checkpoint(args.ckpt)
-    encoded = model.processor.encode([{"from": "human", "value": f"<image>\n{args.prompt}"}], [image],
-                                     generation_prompt=True)
-    batch = collate([encoded], model.tokenizer.pad_token_id, left_pad=True)
-    ids = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["grids"],
-                         max_new_tokens=args.max_new_tokens)
-    print(model.tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+    run(args)
 
 
 # -- plan -----------------------------------------------------------------------------------------------------
@@ -278,7 +263,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
                     "(no weights needed)", _plan, _plan_arguments, passes_through=True,
                     description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
-    "generate": Command("answer one question about one image", _generate, _generate_arguments),
+    "generate": Command("answer a question about images or a video, streaming the answer token by token",
+                        _generate, _generate_arguments),
     "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
                      _sweep_arguments, passes_through=True,
                      description="Train every combination of --grid values (each a plain `nvila fit` command line, "

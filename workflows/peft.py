@@ -54,7 +54,7 @@ class PeftSettings:
 
 
 def parse_peft(spec: dict[str, Any]) -> PeftSettings:
-    return merge_config(PeftSettings, spec, "peft", hint="See the shipped stage recipe workflows/recipes/stages/peft.yaml for an example.")
+    return merge_config(PeftSettings, spec, "peft", hint="See workflows/recipes/stages/peft.yaml for an example.")
 
 
 def apply_peft(model: NvilaModel, settings: PeftSettings) -> None:
