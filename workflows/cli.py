@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
@@ -24,7 +25,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from nvila.core.errors import NvilaError
 from nvila.core.model import ModelSpec
 from nvila.core.specs import IMPORT_PATH_KEYS
-from nvila.workflows.callbacks import DataHealthLogger, ExportCheckpoint, TrainingThroughput
+from nvila.workflows.callbacks import (
+    DataHealthLogger,
+    ExportCheckpoint,
+    PlainProgress,
+    StepProgressBar,
+    TrainingThroughput,
+)
 from nvila.workflows.datamodule import NvilaDataModule
 from nvila.workflows.module import build_module
 
@@ -133,6 +140,12 @@ class NvilaCLI(LightningCLI):
             checkpointed = layers if self.model.settings.gradient_checkpointing else None
             kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=layers, activation_checkpointing_policy=checkpointed)
         callbacks = list(config.get("callbacks") or []) + [self.export, DataHealthLogger(), TrainingThroughput()]
+        if config.get("enable_progress_bar") is not False:  # by steps: a bar on a terminal, plain lines elsewhere
+            if sys.stderr.isatty():
+                callbacks.append(StepProgressBar())
+            else:
+                kwargs["enable_progress_bar"] = False
+                callbacks.append(PlainProgress())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

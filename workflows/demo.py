@@ -26,6 +26,11 @@ def run_demo(out: str = "nvila-demo", train_samples: int = 20000, val_samples: i
                    *(extra_args or [])])
     train_seconds = time.perf_counter() - start
     steps = cli.trainer.global_step
+    if 0 < cli.trainer.max_steps and steps < cli.trainer.max_steps:
+        print(f"\nTraining stopped early, at step {steps} of {cli.trainer.max_steps}: the recipe's time budget "
+              f"(trainer.max_time = {cli.config.fit.trainer.max_time}) ran out on this machine, so the "
+              "accuracy below is lower than a full run's. Rerun with --trainer.max_time=null to train every step.",
+              flush=True)
     samples_per_s = steps * cli.datamodule.hparams.batch_size / train_seconds
 
     print(f"[3/3] Evaluating {cli.export.path} on the held-out shards by generation ...", flush=True)
