@@ -62,8 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--devices", default="auto")
     prune.add_argument("--shard-size", type=int, default=1000)
 
-    bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side")
+    bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side; one "
+                                         "Markdown and JSON report")
     bench.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8"])
+    bench.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
+    bench.add_argument("--only", action="append", default=[], metavar="TEXT",
+                       help="run only the configurations whose name contains TEXT (repeatable)")
+    bench.add_argument("--include-slow-bf16", action="store_true",
+                       help="on a CPU without bf16 hardware, run the bf16 configurations (last) instead of skipping")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads for the measurements")
 
     ev = sub.add_parser("eval", help="answer held-out questions with a checkpoint and report accuracy")
     ev.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
@@ -225,9 +232,12 @@ def run(argv: list[str]) -> None:
         result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
         print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
     elif args.command == "bench":
-        from nvila.workflows.bench import markdown, run_suite
+        import shlex
 
-        print(markdown(args.suite, run_suite(args.suite)))
+        from nvila.workflows.bench import BenchOptions, run_bench
+
+        run_bench(args.suite, BenchOptions(out=args.out, only=args.only, include_slow_bf16=args.include_slow_bf16,
+                                           threads=args.threads, command=shlex.join(["nvila", *argv])))
     elif args.command == "generate":
         _generate(args)
     elif args.command == "sweep":

@@ -1,0 +1,21 @@
+"""``nvila bench``: one module for every measured figure.
+
+- :mod:`~nvila.workflows.bench.measure`: timing (best of N and median, the GPU drained) and peak memory;
+- :mod:`~nvila.workflows.bench.record`: the result record (:class:`Record`, :class:`Metric`, gains);
+- :mod:`~nvila.workflows.bench.report`: the Markdown and JSON writer, with the machine
+  (:mod:`~nvila.workflows.bench.machine`);
+- :mod:`~nvila.workflows.bench.runner`: a run that reports each configuration as it finishes;
+- the suites: :mod:`~nvila.workflows.bench.training` (``peft``, ``peft-large``, ``memory-savers``,
+  ``memory-savers-long``, ``fp8``), tabled in :mod:`~nvila.workflows.bench.suites`.
+"""
+
+from nvila.workflows.bench.machine import describe_machine
+from nvila.workflows.bench.measure import PeakMemory, Stopwatch, Timing, time_call, time_interleaved
+from nvila.workflows.bench.record import Metric, Record, compare
+from nvila.workflows.bench.report import Report, markdown_table, write_report
+from nvila.workflows.bench.runner import BenchOptions, BenchRun
+from nvila.workflows.bench.suites import SUITES, run_bench
+
+__all__ = ["SUITES", "BenchOptions", "BenchRun", "Metric", "PeakMemory", "Record", "Report", "Stopwatch", "Timing",
+           "compare", "describe_machine", "markdown_table", "run_bench", "time_call", "time_interleaved",
+           "write_report"]
