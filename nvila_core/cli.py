@@ -62,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--devices", default="auto")
     prune.add_argument("--shard-size", type=int, default=1000)
 
-    bench = sub.add_parser("bench", help="measure training memory and speed, configurations side by side; one "
-                                         "Markdown and JSON report")
-    bench.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8"])
+    bench = sub.add_parser("bench", help="measure training memory and speed, data throughput or prefill time, "
+                                         "configurations side by side; one Markdown and JSON report")
+    bench.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8", "data",
+                                         "prefill"])
     bench.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
     bench.add_argument("--only", action="append", default=[], metavar="TEXT",
                        help="run only the configurations whose name contains TEXT (repeatable)")

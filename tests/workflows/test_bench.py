@@ -252,7 +252,7 @@ def test_the_command_offers_every_suite():
 def test_the_command_refuses_an_only_filter_that_matches_nothing(capsys):
     from nvila.core.cli import main
 
-    assert main(["bench", "peft", "--only", "no such configuration"]) == 2
+    assert main(["bench", "prefill", "--only", "no such size"]) == 2
     assert "matches no configuration" in capsys.readouterr().err
 
 
@@ -328,3 +328,56 @@ def test_a_configuration_that_fails_in_its_process_becomes_a_failed_record():
 
     record = run_in_subprocess("peft", "no such configuration")
     assert record.status == "failed" and record.notes and "no such configuration" in record.notes[0]
+
+
+# --- the data and prefill suites, at toy sizes ---------------------------------------------------------------------
+
+TOY_PREFILL = {"toy": {
+    "encoder": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                "num_layers": 1, "num_heads": 2, "feature_layer": -1},
+    "llm": {"name": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1}}}
+
+
+def test_the_prefill_suite_compares_stc_with_identity_side_by_side():
+    from nvila.workflows.bench.prefill import run_prefill_suite
+
+    bench, stream = run_of("prefill")
+    run_prefill_suite(bench, TOY_PREFILL, repeats=1)
+    identity, stc = bench.records
+    assert (identity.configuration, stc.configuration) == ("toy, identity", "toy, STC 2x2")
+    assert identity.value("visual tokens") == 16 and stc.value("visual tokens") == 4
+    assert stc.baseline == "toy, identity" and stc.ratios["visual tokens"] == 4.0
+    assert stc.ratios["LLM prefill"] == pytest.approx(identity.value("LLM prefill") / stc.value("LLM prefill"),
+                                                      rel=1e-3)
+    assert "[2/2] toy, STC 2x2" in stream.getvalue()
+
+
+def test_sweep_and_prefill_suite_time_the_same_prefill(monkeypatch):
+    """``nvila.workflows.bench.prefill.prefill`` is the one place a benchmark prefills: swapping it reaches both."""
+    import nvila.workflows.bench.prefill as prefill_module
+    from nvila.workflows.bench.prefill import build_model, prompt_batch, time_prefill
+
+    calls = []
+    monkeypatch.setattr(prefill_module, "prefill", lambda model, batch: calls.append(model) or model(**batch))
+    model = build_model(TOY_PREFILL["toy"], {"name": "stc", "ratio": 2})
+    from PIL import Image
+
+    batch = prompt_batch(model, [{"from": "human", "value": "<image>\nWhat?"}], [Image.new("RGB", (40, 40))])
+    timing = time_prefill(model, batch, repeats=2, warmup=1)
+    assert len(timing.samples) == 2 and len(calls) == 3
+
+
+def test_the_data_suite_measures_one_worker_and_packing_against_padding():
+    from nvila.workflows.bench.data import DataSizes, run_data_suite
+
+    bench, stream = run_of("data", only=["demo sample", "packing"])
+    run_data_suite(bench, DataSizes(images=8, videos=1, samples=24, pack_tokens=512, steps=1))
+    demo, padded, packed = bench.records
+    assert demo.settings["samples"] == 8 and demo.value("rate") > 0
+    assert padded.configuration == "packing: padded (batch 16)" and packed.baseline == padded.configuration
+    assert packed.value("non-padding share") > padded.value("non-padding share")
+    assert packed.ratios["non-padding share"] > 1 and "throughput" in packed.ratios
+    assert [line[:4] for line in stream.getvalue().splitlines() if line.startswith("[")] == ["[1/3", "[2/3", "[3/3"]
+    text = bench.report().markdown()  # the two kinds of rows, each in its own table
+    assert text.index("### pipeline\n\n| configuration | samples |") < text.index("### packing\n\n| configuration |")

@@ -60,6 +60,8 @@ class Record:
     """Gains against the baseline per metric name (above 1 is better); filled by :func:`compare`."""
     status: Status = "ok"
     notes: list[str] = field(default_factory=list)
+    group: str = ""
+    """Records of one suite with different metrics go in separate tables, one per group (``pipeline``, ``packing``)."""
 
     def value(self, metric: str) -> float | int | None:
         found = self.metrics.get(metric)

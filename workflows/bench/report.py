@@ -58,7 +58,8 @@ class Report:
 
     def markdown(self, title: bool = True, first_column: str = "configuration", units: bool = True,
                  notes_column: str = "notes", status: bool | None = None, notes: bool | None = None) -> str:
-        """The report as Markdown: title, summary, results table, notes, machine and command.
+        """The report as Markdown: title, summary, results table (one per group of records), notes, machine and
+        command.
 
         Without ``title`` the page opens with the table (``nvila sweep``'s results.md).
         """
@@ -67,8 +68,12 @@ class Report:
             parts.append(f"# {self.title or 'nvila bench ' + self.suite}")
             if self.summary:
                 parts.append(self.summary)
-        parts.append(markdown_table(self.records, self.compare, self.columns, first_column, units, notes_column,
-                                    status, notes))
+        groups = list(dict.fromkeys(r.group for r in self.records)) or [""]
+        for group in groups:
+            if len(groups) > 1:
+                parts.append(f"### {group or 'other'}")
+            parts.append(markdown_table([r for r in self.records if r.group == group], self.compare, self.columns,
+                                        first_column, units, notes_column, status, notes))
         below = list(self.notes)
         if any(r.ratios for r in self.records):
             below.append(GAIN_LEGEND)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nvila.core.errors import NvilaError
-from nvila.workflows.bench import training
+from nvila.workflows.bench import data, prefill, training
 from nvila.workflows.bench.measure import torch_threads
 from nvila.workflows.bench.report import Report, write_report
 from nvila.workflows.bench.runner import BenchOptions, BenchRun, SuiteFunction
@@ -30,6 +30,8 @@ SUITES: dict[str, Suite] = {
     **{name: Suite(training.run_training_suite, training.SUMMARIES[name], training.COMPARE,
                    training.require_fp8_gpu if name == "fp8" else None)
        for name in training.TRAINING_SUITES},
+    "data": Suite(data.run_data_suite, data.SUMMARY, data.COMPARE),
+    "prefill": Suite(prefill.run_prefill_suite, prefill.SUMMARY, prefill.COMPARE),
 }
 
 
