@@ -260,6 +260,10 @@ def run_configuration(suite: str, name: str, settings: dict[str, Any] | None = N
     ``settings`` default to the suite's own; tests pass smaller ones. With ``max_batch: true`` (CUDA only) the
     batch size is first raised until CUDA runs out of memory, and the largest that trains is the one measured.
     """
+    import lightning  # noqa: F401  (imported before the baseline reading: import-time allocations are not training's)
+
+    from nvila.workflows.module import NvilaModule  # noqa: F401
+
     settings = dict(TRAINING_SUITES[suite][name] if settings is None else settings)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
