@@ -50,10 +50,11 @@ def run_bench(suite: str, options: BenchOptions | None = None) -> Report:
         bench = BenchRun(suite, options, definition.compare, summary=definition.summary)
         definition.run(bench)
         report = bench.report()
+    # the files first: a closed pipe (nvila bench ... | head) must not lose the report
+    paths = write_report(report, Path(options.out)) if options.out else None
     print()
     print(report.markdown(), flush=True)
-    if options.out:
-        paths = write_report(report, Path(options.out))
+    if paths:
         print(f"Report: {paths['markdown']}, {paths['json']}", flush=True)
     failed = [r.configuration for r in report.records if r.status == "failed"]
     if failed:
