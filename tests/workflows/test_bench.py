@@ -371,13 +371,16 @@ def test_sweep_and_prefill_suite_time_the_same_prefill(monkeypatch):
 def test_the_data_suite_measures_one_worker_and_packing_against_padding():
     from nvila.workflows.bench.data import DataSizes, run_data_suite
 
-    bench, stream = run_of("data", only=["demo sample", "packing"])
-    run_data_suite(bench, DataSizes(images=8, videos=1, samples=24, pack_tokens=512, steps=1))
-    demo, padded, packed = bench.records
+    bench, stream = run_of("data", only=["demo", "packing"])
+    run_data_suite(bench, DataSizes(images=8, videos=1, samples=24, pack_tokens=512, steps=1, demo_steps=1))
+    step, demo, padded, packed = bench.records
     assert demo.settings["samples"] == 8 and demo.value("rate") > 0
+    assert demo.baseline == step.configuration == "pipeline: demo training step (batch 32)"
+    assert demo.ratios["rate"] == pytest.approx(demo.value("rate") / step.value("rate"), rel=1e-3)
     assert padded.configuration == "packing: padded (batch 16)" and packed.baseline == padded.configuration
     assert packed.value("non-padding share") > padded.value("non-padding share")
     assert packed.ratios["non-padding share"] > 1 and "throughput" in packed.ratios
-    assert [line[:4] for line in stream.getvalue().splitlines() if line.startswith("[")] == ["[1/3", "[2/3", "[3/3"]
+    assert [line[:4] for line in stream.getvalue().splitlines() if line.startswith("[")] == ["[1/4", "[2/4", "[3/4",
+                                                                                             "[4/4"]
     text = bench.report().markdown()  # the two kinds of rows, each in its own table
     assert text.index("### pipeline\n\n| configuration | samples |") < text.index("### packing\n\n| configuration |")
