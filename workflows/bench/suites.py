@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,6 @@ def run_bench(suite: str, options: BenchOptions | None = None) -> Report:
     definition = SUITES[suite]
     if definition.check is not None:
         definition.check()
-    if options.threads:  # training configurations run in child processes, which read this at start
-        os.environ["OMP_NUM_THREADS"] = str(options.threads)
     with torch_threads(options.threads):
         bench = BenchRun(suite, options, definition.compare, summary=definition.summary)
         definition.run(bench)

@@ -264,6 +264,8 @@ def run_configuration(suite: str, name: str, settings: dict[str, Any] | None = N
 
     from nvila.workflows.module import NvilaModule  # noqa: F401
 
+    if settings is None and name not in TRAINING_SUITES.get(suite, {}):
+        raise NvilaError(f"`nvila bench {suite}` has no configuration '{name}'.")
     settings = dict(TRAINING_SUITES[suite][name] if settings is None else settings)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
