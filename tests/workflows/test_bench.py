@@ -356,11 +356,11 @@ def test_the_prefill_suite_compares_stc_with_identity_side_by_side():
 def test_sweep_and_prefill_suite_time_the_same_prefill(monkeypatch):
     """``nvila.workflows.bench.prefill.prefill`` is the one place a benchmark prefills: swapping it reaches both."""
     import nvila.workflows.bench.prefill as prefill_module
-    from nvila.workflows.bench.prefill import build_model, prompt_batch, time_prefill
+    from nvila.workflows.bench.prefill import prompt_batch, size_model, time_prefill
 
     calls = []
     monkeypatch.setattr(prefill_module, "prefill", lambda model, batch: calls.append(model) or model(**batch))
-    model = build_model(TOY_PREFILL["toy"], {"name": "stc", "ratio": 2})
+    model = size_model(TOY_PREFILL["toy"], {"name": "stc", "ratio": 2})
     from PIL import Image
 
     batch = prompt_batch(model, [{"from": "human", "value": "<image>\nWhat?"}], [Image.new("RGB", (40, 40))])

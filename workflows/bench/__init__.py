@@ -5,6 +5,7 @@
 - :mod:`~nvila.workflows.bench.report`: the Markdown and JSON writer, with the machine
   (:mod:`~nvila.workflows.bench.machine`);
 - :mod:`~nvila.workflows.bench.runner`: a run that reports each configuration as it finishes;
+- :mod:`~nvila.workflows.bench.models`: the one place the suites build modules and models;
 - the suites: :mod:`~nvila.workflows.bench.training` (``peft``, ``peft-large``, ``memory-savers``,
   ``memory-savers-long``, ``fp8``), :mod:`~nvila.workflows.bench.data` (``data``) and
   :mod:`~nvila.workflows.bench.prefill` (``prefill``; its function

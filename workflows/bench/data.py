@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from nvila.workflows.bench.measure import Stopwatch, time_call, torch_threads
+from nvila.workflows.bench.models import build_model, build_module, demo_parts
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
 
@@ -67,14 +68,6 @@ def packed_name(pack_tokens: int) -> str:
     return f"packing: packed (4 rows of {pack_tokens} tokens)"
 
 
-def demo_parts() -> dict[str, Any]:
-    """The demo recipe's model parts."""
-    from nvila.core.planning import model_spec_from_recipe
-    from nvila.workflows.cli import recipe_path
-
-    return model_spec_from_recipe(recipe_path("demo"))
-
-
 def photo(rng: random.Random, size: tuple[int, int] = (640, 480)) -> Any:
     """A noisy photo-like image (JPEG of noise is as costly to decode as a photo, or more)."""
     from PIL import Image
@@ -97,11 +90,10 @@ def measure_demo_step(bench: BenchRun, parts: dict[str, Any], sizes: DataSizes, 
     from nvila.core.data.synthetic import make_sample
     from nvila.core.processor import collate
     from nvila.workflows.bench.training import TrainingSteps
-    from nvila.workflows.module import NvilaModule
 
     torch.manual_seed(0)
     rng = random.Random(1)
-    module = NvilaModule(**parts, max_length=256)
+    module = build_module({**parts, "max_length": 256})
     samples = []
     for i in range(batch_size):
         s = make_sample(rng, str(i), image_size=64)
@@ -144,7 +136,6 @@ def per_worker_record(suite: str, name: str, samples: int, seconds: float, notes
 def measure_pipeline(bench: BenchRun, names: list[str], sizes: DataSizes, tmp: Path) -> None:
     from nvila.core.data.synthetic import make_sample
     from nvila.core.data.video import VideoSampling, decode_video, encode_video
-    from nvila.core.model import NvilaModel
 
     rng = random.Random(0)
     demo = demo_parts()
@@ -157,13 +148,13 @@ def measure_pipeline(bench: BenchRun, names: list[str], sizes: DataSizes, tmp: P
             buf = io.BytesIO()
             s.image.save(buf, format="PNG")
             samples.append({"__key__": s.key, "png": buf.getvalue(), "json": json.dumps(s.conversation()).encode()})
-        model = NvilaModel(demo, max_length=256)
+        model = build_model(demo, max_length=256)
         one_worker(bench, DEMO_SAMPLE, write_shard(tmp / "demo.tar", samples), model.processor, baseline=DEMO_STEP)
     if IMAGE_SAMPLE not in names and VIDEO_SAMPLE not in names:
         return
     # NVILA's resolution: the demo model's encoder at a 448 px tile (patch 14); only its processor is used
-    model448 = NvilaModel({**demo, "encoder": {**demo["encoder"], "image_size": 448, "patch_size": 14}},
-                          max_length=2048)
+    model448 = build_model({**demo, "encoder": {**demo["encoder"], "image_size": 448, "patch_size": 14}},
+                           max_length=2048)
     if IMAGE_SAMPLE in names:
         conversation = json.dumps({"conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                      {"from": "gpt", "value": "A photo."}]}).encode()
@@ -210,12 +201,11 @@ def mixed_samples(model: Any, count: int, seed: int = 0) -> list[Any]:
 def measure_packing(bench: BenchRun, names: list[str], sizes: DataSizes) -> None:
     from nvila.core.data.packing import Batching, model_inputs
     from nvila.workflows.bench.training import TrainingSteps
-    from nvila.workflows.module import NvilaModule
 
     if PADDED not in names and packed_name(sizes.pack_tokens) not in names:
         return
     torch.manual_seed(0)
-    module = NvilaModule(**demo_parts(), max_length=512)
+    module = build_module({**demo_parts(), "max_length": 512})
     model, pad = module.model, module.model.tokenizer.pad_token_id
     step = TrainingSteps(module, bench.device)
     samples = mixed_samples(model, sizes.samples)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from nvila.workflows.bench.measure import Timing, time_call, time_interleaved
+from nvila.workflows.bench.models import build_model
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
 
@@ -91,12 +92,10 @@ def configuration_name(size: str, compressor: str) -> str:
     return f"{size}, {compressor}"
 
 
-def build_model(parts: dict[str, dict[str, Any]], compressor: dict[str, Any]) -> Any:
-    from nvila.core.model import NvilaModel
-
+def size_model(parts: dict[str, dict[str, Any]], compressor: dict[str, Any]) -> Any:
+    """One size's model with ``compressor`` and the MLP projector, random-initialised from seed 0, in eval mode."""
     torch.manual_seed(0)
-    spec = {**parts, "compressor": compressor, "projector": {"name": "mlp"}}
-    return NvilaModel(spec, max_length=8192).eval()
+    return build_model({**parts, "compressor": compressor, "projector": {"name": "mlp"}}, max_length=8192).eval()
 
 
 @torch.no_grad()
@@ -109,7 +108,7 @@ def measure_size(bench: BenchRun, size: str, parts: dict[str, dict[str, Any]], c
     conversation = [{"from": "human", "value": "<image>\nWhat shape is shown?"}]
     models, batches, embeds = {}, {}, {}
     for name in compressors:
-        models[name] = build_model(parts, COMPRESSORS[name]).to(bench.device)
+        models[name] = size_model(parts, COMPRESSORS[name]).to(bench.device)
         batches[name] = prompt_batch(models[name], conversation, [image], bench.device)
         b = batches[name]
         embeds[name] = models[name].embed(b["input_ids"], b["pixels"], b["grids"])  # (1, L, D)

@@ -24,6 +24,7 @@ import torch
 
 from nvila.core.errors import NvilaError
 from nvila.workflows.bench.measure import PeakMemory, cpu_memory_mb, memory_gauge, release_freed_memory, time_call
+from nvila.workflows.bench.models import build_module
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
 
@@ -216,15 +217,13 @@ class TrainingSteps:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_module(settings: dict[str, Any]) -> Any:
-    """The one place where the training suites build the Lightning module: :data:`MID_MODEL`'s parts with the
-    configuration's ``PART_overrides``, and its other keys (precision, peft, loss, gradient_checkpointing,
-    lr_multipliers, ...) as ``NvilaModule`` settings. Keys of :data:`BENCH_KEYS` are left out."""
-    from nvila.workflows.module import NvilaModule
-
+def configuration_module(settings: dict[str, Any]) -> Any:
+    """A configuration's Lightning module: :data:`MID_MODEL`'s parts with the configuration's ``PART_overrides``,
+    and its other keys (precision, peft, loss, gradient_checkpointing, lr_multipliers, ...) as module settings.
+    Keys of :data:`BENCH_KEYS` are left out."""
     settings = {k: v for k, v in settings.items() if k not in BENCH_KEYS}
     parts = {part: {**spec, **settings.pop(f"{part}_overrides", {})} for part, spec in MID_MODEL.items()}
-    return NvilaModule(**parts, **settings)
+    return build_module({**parts, **settings})
 
 
 def training_batch(model: Any, batch_size: int, question_words: int, answer_words: int) -> dict[str, Any]:
@@ -260,9 +259,10 @@ def run_configuration(suite: str, name: str, settings: dict[str, Any] | None = N
     ``settings`` default to the suite's own; tests pass smaller ones. With ``max_batch: true`` (CUDA only) the
     batch size is first raised until CUDA runs out of memory, and the largest that trains is the one measured.
     """
-    import lightning  # noqa: F401  (imported before the baseline reading: import-time allocations are not training's)
+    # imported before the baseline reading: import-time allocations are not training memory
+    import lightning  # noqa: F401
 
-    from nvila.workflows.module import NvilaModule  # noqa: F401
+    import nvila.workflows.module  # noqa: F401
 
     if settings is None and name not in TRAINING_SUITES.get(suite, {}):
         raise NvilaError(f"`nvila bench {suite}` has no configuration '{name}'.")
@@ -274,7 +274,7 @@ def run_configuration(suite: str, name: str, settings: dict[str, Any] | None = N
     words = settings.get("question_words", 60), settings.get("answer_words", 8)
     if settings.get("max_batch") and device != "cuda":
         raise NvilaError(f"'{name}' searches the largest batch by running CUDA out of memory: it needs a CUDA GPU.")
-    module = build_module(settings)
+    module = configuration_module(settings)
     if settings.get("vocab_size"):
         module.model.llm.resize_vocab(settings["vocab_size"])
     step = TrainingSteps(module, device)
