@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,13 +150,22 @@ def _prune(args: argparse.Namespace, rest: list[str]) -> None:
 
 # -- bench ----------------------------------------------------------------------------------------------------
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=["peft", "peft-large", "memory-savers", "memory-savers-long", "fp8"])
+    # no `choices`: listing the suites imports torch, and every `nvila` command builds this parser
+    parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data or prefill "
+                                      "(nvila.workflows.bench.suites.SUITES)")
+    parser.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the configurations whose name contains TEXT (repeatable)")
+    parser.add_argument("--include-slow-bf16", action="store_true",
+                        help="on a CPU without bf16 hardware, run the bf16 configurations (last) instead of skipping")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the measurements")
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.bench import markdown, run_suite
+    from nvila.workflows.bench import BenchOptions, run_bench
 
-    print(markdown(args.suite, run_suite(args.suite)))
+    run_bench(args.suite, BenchOptions(out=args.out, only=args.only, include_slow_bf16=args.include_slow_bf16,
+                                       threads=args.threads, command=args.command_line))
 
 
 # -- eval, generate -------------------------------------------------------------------------------------------
@@ -258,7 +268,8 @@ COMMANDS: dict[str, Command] = {
     "data": Command("data tools", _data, _data_arguments),
     "prune": Command("score every sample with a pruner and keep a fraction of each data set", _prune,
                      _prune_arguments),
-    "bench": Command("measure training memory and speed, configurations side by side", _bench, _bench_arguments),
+    "bench": Command("measure training memory and speed, data throughput or prefill time, configurations side by "
+                     "side; one Markdown and JSON report", _bench, _bench_arguments),
     "eval": Command("answer held-out questions with a checkpoint and report accuracy", _eval, _eval_arguments),
     "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
                     "(no weights needed)", _plan, _plan_arguments, passes_through=True,
@@ -297,6 +308,7 @@ def run(argv: list[str]) -> None:
     command = COMMANDS[args.command]
     if rest and not command.passes_through:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.command_line = shlex.join(["nvila", *argv])  # what reports quote as the command that made them
     command.run(args, rest)
 
 

@@ -3,7 +3,8 @@
 Each combination is a plain ``nvila fit`` command line (the base recipe plus overrides), run one after the
 other in a subprocess, so that a cluster scheduler can run the same lines instead (``--dry-run`` prints
 them; ``--collect`` then only reads their results). The results folder holds ``results.csv``,
-``results.md`` and ``accuracy_vs_tokens.png``, and one training log directory per run under ``runs/``.
+``results.md`` (written by the benchmarks' report writer, with the machine), ``results.json`` and
+``accuracy_vs_tokens.png``, and one training log directory per run under ``runs/``.
 
 Grid values: ``--grid KEY=V1,V2`` (each value read as YAML, so ``2`` is a number), or a YAML list for values
 that contain commas, such as whole specs: ``--grid 'model.compressor=[{name: stc, ratio: 3}, {name: perceiver}]'``.
@@ -31,7 +32,6 @@ import logging
 import math
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +45,9 @@ import yaml
 
 from nvila.core.errors import NvilaError
 from nvila.core.model import MODEL_PARTS, ModelSpec
+from nvila.workflows.bench.machine import command_line, describe_machine
+from nvila.workflows.bench.record import Metric, Record
+from nvila.workflows.bench.report import Report, write_report
 
 log = logging.getLogger(__name__)
 SPEC_SLOTS = tuple(f"model.{slot}" for slot in ModelSpec.slots())
@@ -271,22 +274,14 @@ def collect(run: Run, eval_limit: int, batch_size: int = 16) -> None:
 @torch.no_grad()
 def _tokens_and_prefill(model: Any, shards: list[str], repeats: int = 5) -> tuple[float, float]:
     """Visual tokens per image of the first held-out sample, and the median time (ms) to the first token's
-    logits for its prompt: encoder, compressor, projector and language-model prefill, batch 1."""
+    logits for its prompt (the benchmarks' one prefill: encoder, compressor, projector, language model), batch 1."""
     from nvila.core.data.shards import read_records
-    from nvila.core.processor import collate
+    from nvila.workflows.bench.prefill import prompt_batch, time_prefill
 
     record, images = next(read_records(shards))
-    prompt = model.processor.encode(record["conversations"][:-1], images, generation_prompt=True)
-    tokens = int((prompt.input_ids == model.image_token_id).sum()) / max(len(images), 1)
-    batch = collate([prompt], model.tokenizer.pad_token_id, left_pad=True)
-    batch.pop("labels")
-    model(**batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - start)
-    return tokens, statistics.median(times) * 1000
+    batch = prompt_batch(model, record["conversations"][:-1], images)
+    tokens = int((batch["input_ids"] == model.image_token_id).sum()) / max(len(images), 1)
+    return tokens, time_prefill(model, batch, repeats=repeats, warmup=1).median * 1000
 
 
 @torch.no_grad()
@@ -307,8 +302,30 @@ def validation_loss(model: Any, shards: list[str], batch_size: int = 16, limit: 
     return total / max(count, 1)
 
 
+RESULT_METRICS = {  # how each result column is compared and written: (unit, better, format)
+    "visual_tokens_per_image": ("tokens", "lower", "{:g}"),
+    "trainable_params": ("", None, "{:,}"),
+    "prefill_ms": ("ms", "lower", "{:.1f}"),
+    "train_samples_per_s": ("samples/s", "higher", "{:.0f}"),
+    "val_loss": ("", "lower", "{:.3f}"),
+    "val_accuracy": ("", "higher", "{:.1%}"),
+}
+
+
+def run_record(run: Run, keys: Sequence[str]) -> Record:
+    """One run as a benchmark record: its grid values as settings, its results as metrics."""
+    metrics = {}
+    for column in RESULT_COLUMNS:
+        if column in run.results:
+            unit, better, pattern = RESULT_METRICS[column]
+            metrics[column] = Metric(run.results[column], unit, better, pattern)
+    return Record("sweep", run.name, metrics, settings={k: _value(run.combo[k]) for k in keys},
+                  status="failed" if run.status == "failed" else "ok", notes=[run.error] if run.error else [])
+
+
 def write_results(out: Path, runs: Sequence[Run], keys: Sequence[str]) -> dict[str, Path]:
-    """``results.csv``, ``results.md`` and ``accuracy_vs_tokens.png`` in ``out``."""
+    """``results.csv``, ``results.md`` (the table, then the machine), ``results.json`` (the benchmarks' report
+    format) and ``accuracy_vs_tokens.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     header = ["run", "status", *keys, *RESULT_COLUMNS, "error", "log_dir", "command"]
     rows = [{"run": r.name, "status": r.status, **{k: _value(r.combo[k]) for k in keys},
@@ -318,26 +335,13 @@ def write_results(out: Path, runs: Sequence[Run], keys: Sequence[str]) -> dict[s
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
-    table = ["run", "status", *keys, *RESULT_COLUMNS, "error"]
-    lines = ["| " + " | ".join(table) + " |", "|" + " --- |" * len(table)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(c, row[c]) for c in table) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
+    report = Report("sweep", [run_record(r, keys) for r in runs], describe_machine(), command_line(),
+                    title="nvila sweep: " + ", ".join(keys), columns=RESULT_COLUMNS, summary=SWEEP_SUMMARY)
+    written = write_report(report, out, stem="results", title=False, first_column="run", units=False,
+                           notes_column="error", status=True, notes=True)
+    paths = {"csv": out / "results.csv", **written}
     paths["plot"] = plot_accuracy(out / "accuracy_vs_tokens.png", runs, keys)
     return paths
-
-
-def _cell(column: str, value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        formats = {"val_accuracy": "{:.1%}", "val_loss": "{:.3f}", "prefill_ms": "{:.1f}",
-                   "train_samples_per_s": "{:.0f}"}
-        return formats.get(column, "{:g}").format(value)
-    if column == "trainable_params" and isinstance(value, int):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def plot_accuracy(path: Path, runs: Sequence[Run], keys: Sequence[str]) -> Path:
@@ -366,6 +370,11 @@ def plot_accuracy(path: Path, runs: Sequence[Run], keys: Sequence[str]) -> Path:
     return path
 
 
+SWEEP_SUMMARY = ("Each run is a plain `nvila fit` (its command in results.csv); prefill_ms is the median of 5 "
+                 "prefills of the first held-out prompt after a warm-up, in this process; train_samples_per_s counts "
+                 "training steps only; val_loss and val_accuracy are on the held-out shards.")
+
+
 def run_sweep(config: str, grid: Sequence[str], out: str | Path | None = None, dry_run: bool = False,
               collect_only: bool = False, extra: Sequence[str] = (), eval_limit: int = 200) -> list[Run]:
     """Check, run and measure every combination; print commands only when ``dry_run``."""
@@ -392,5 +401,6 @@ def run_sweep(config: str, grid: Sequence[str], out: str | Path | None = None, d
                 run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"[:500]
         print(f"    {run.status}{': ' + run.error if run.error else ''}", flush=True)
     paths = write_results(out, runs, [a.key for a in axes])
-    print(f"\n{paths['markdown'].read_text()}\nResults: {paths['csv']}, {paths['markdown']}, {paths['plot']}")
+    print(f"\n{paths['markdown'].read_text()}\nResults: {paths['csv']}, {paths['markdown']}, {paths['json']}, "
+          f"{paths['plot']}")
     return runs

@@ -6,18 +6,18 @@ Timed run, as recorded in docs/benchmarks.md (the so400m-shaped cases are marked
         --benchmark-enable --benchmark-columns=min,mean,rounds -s
 
 Each multi-scale case also prints the share of its forward spent outside the base encoder (stitching, area
-interpolation, concatenation, splitting), both parts timed directly, best of several runs. One thread
-(``torch.set_num_threads(1)``) keeps the figures steady on a shared machine.
+interpolation, concatenation, splitting), both parts timed directly, best of several runs (the benchmarks'
+shared ``time_call``). One thread (``torch.set_num_threads(1)``) keeps the figures steady on a shared machine.
 """
 
 import io
-import time
 
 import pytest
 import torch
 from PIL import Image
 
 from nvila.core.specs import build
+from nvila.workflows.bench.measure import time_call
 from tests.encoders.images import noise_image
 
 TINY_BASE = {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
@@ -38,22 +38,13 @@ CASES = [pytest.param(preset, mode, marks=[pytest.mark.slow] if preset == "so400
          for preset in ("tiny", "so400m-depth2") for mode in ("plain", "s2", "dyns2")]
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def outside_share(encoder, pixels, grids, repeats=3):
     """Share of a multi-scale forward spent outside the base encoder: stitching, interpolation, concatenation,
     splitting, timed directly (best of ``repeats``) against the base encoder on all tiles."""
     counts = encoder.tile_counts(pixels.shape[0], grids)
     features = encoder.encode_tiles(pixels)
-    inner = best_time(lambda: encoder.encode_tiles(pixels), repeats)
-    outer = best_time(lambda: encoder.assemble(features, counts, grids), repeats)
+    inner = time_call(lambda: encoder.encode_tiles(pixels), repeats, warmup=0).best
+    outer = time_call(lambda: encoder.assemble(features, counts, grids), repeats, warmup=0).best
     return outer / (inner + outer)
 
 
