@@ -7,8 +7,8 @@ width), encodes one 896x896 image with a question, and times, round by round so 
 both alike:
 
 - LLM prefill: the language model's forward over the prompt embeddings (visual tokens spliced in);
-- time to first token: :func:`prefill`, the whole forward from pixels (encoder, compressor, projector,
-  language model).
+- time to first token: :func:`prefill`, the inference engine's prefill from pixels (encoder, compressor,
+  projector, language model filling its KV cache, logits of the last position only), as generation runs it.
 
 Each figure is the best of the rounds (other processes on a shared machine only ever add time); the medians
 are reported beside them. ``nvila sweep``'s ``prefill_ms`` comes from :func:`time_prefill` too.
@@ -78,9 +78,9 @@ COMPARE = ("visual tokens", "prompt tokens", "LLM prefill", "time to first token
 SUMMARY = ("The same 896x896 image and question through two random-initialised models that differ only in the "
            "compressor: identity (every feature a token) and NVILA's STC 2x2 (4x fewer tokens); fp32, batch 1, the "
            "two timed round by round after a warm-up round. *LLM prefill* is the language model's forward over the "
-           "prompt embeddings; *time to first token* the whole forward from pixels. Times are the best of the rounds, "
-           "medians beside them. Sizes: *demo* is the demo recipe's model; *mid* a SigLIP-so400m-shaped encoder cut "
-           "to 6 layers and a Qwen2-0.5B-shaped language model.")
+           "prompt embeddings; *time to first token* the inference engine's prefill from pixels (as generation runs "
+           "it). Times are the best of the rounds, medians beside them. Sizes: *demo* is the demo recipe's model; "
+           "*mid* a SigLIP-so400m-shaped encoder cut to 6 layers and a Qwen2-0.5B-shaped language model.")
 
 
 def configuration_name(size: str, compressor: str) -> str:
