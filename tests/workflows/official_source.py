@@ -137,8 +137,8 @@ def official_model(vila: dict[str, Any], directory: str | Path) -> Any:
 
     kind = json.loads((directory / "mm_projector" / "config.json").read_text())["mm_projector_type"]
     mm = projector.MultimodalProjector(projector.MultimodalProjectorConfig(kind), config)
-    mm.load_state_dict({k: v.float() for k, v in load_file(str(directory / "mm_projector" / "model.safetensors")).items()},
-                       strict=True)
+    weights = load_file(str(directory / "mm_projector" / "model.safetensors"))
+    mm.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     model.mm_projector = mm.eval()
     model.encoders = {}
     for name in ("image", "video"):

@@ -48,7 +48,7 @@ def ours(model: NVILA, parts: list) -> torch.Tensor:
 
 
 def compare(name: str, mine: torch.Tensor, theirs: torch.Tensor) -> float:
-    assert mine.shape == theirs.shape, f"{name}: {tuple(mine.shape)} positions x width against VILA's {tuple(theirs.shape)}"
+    assert mine.shape == theirs.shape, f"{name}: {tuple(mine.shape)} against VILA's {tuple(theirs.shape)}"
     diff = (mine - theirs).abs().max().item()
     print(f"{name}: {mine.shape[0]} positions, max |nvila - VILA| = {diff:.2e}")
     return diff
