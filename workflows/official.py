@@ -186,7 +186,7 @@ def official_spec(configs: dict[str, dict[str, Any]], directory: str | Path = ""
 
     # vision tower
     v_arch = (vision.get("architectures") or [None])[0]
-    if v_arch != "SiglipVisionModel" and vision.get("model_type") != "siglip_vision_model":
+    if (v_arch or vision.get("model_type")) not in ("SiglipVisionModel", "siglip_vision_model"):
         raise refuse("vision_tower/config.json", "architectures", vision.get("architectures"),
                      "nvila reads SigLIP vision towers only (SiglipVisionModel)")
     for key, expected in (("hidden_act", "gelu_pytorch_tanh"), ("layer_norm_eps", 1e-6), ("num_channels", 3)):
@@ -234,7 +234,7 @@ def official_spec(configs: dict[str, dict[str, Any]], directory: str | Path = ""
 
     # language model
     l_arch = (llm.get("architectures") or [None])[0]
-    if l_arch != "Qwen2ForCausalLM" and llm.get("model_type") != "qwen2":
+    if (l_arch or llm.get("model_type")) not in ("Qwen2ForCausalLM", "qwen2"):
         raise refuse("llm/config.json", "architectures", llm.get("architectures"),
                      "nvila's language backbone is Qwen2 (Qwen2ForCausalLM)")
     for key, expected in (("hidden_act", "silu"), ("rope_scaling", None), ("use_sliding_window", False)):
