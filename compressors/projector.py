@@ -61,22 +61,42 @@ def mlp_3x3_projector(config: MLP3x3ProjectorConfig, in_dim: int, out_dim: int) 
                          nn.Linear(mid, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+VILA_PREFIXES = ("mm_projector.layers.", "layers.")
+"""Where a released NVILA projector's layers sit: ``mm_projector.layers.N.*`` in the model's own state dict,
+``layers.N.*`` in a released ``mm_projector/model.safetensors`` (the official save strips ``mm_projector.``)."""
+
+
 def vila_projector_state_dict(state: Mapping[str, torch.Tensor],
-                              prefix: str = "mm_projector.layers.") -> dict[str, torch.Tensor]:
+                              prefix: str | None = None) -> dict[str, torch.Tensor]:
     """A released NVILA projector's weights, renamed for our ``mlp`` / ``mlp-3x3`` projector.
 
     NVILA's projector is one ``nn.Sequential`` whose layer 0 is its parameter-free downsample block (our STC
     compressor) followed by the same layers in the same order as ours; so its layer ``i`` is our layer
-    ``i - 1`` (``mm_projector.layers.2.weight`` -> ``1.weight``). Keys outside ``prefix`` are ignored.
-    Load the result with ``model.projector.load_state_dict(..., strict=True)``.
+    ``i - 1`` (``layers.2.weight`` -> ``1.weight``). ``prefix`` None accepts both layouts (see
+    :data:`VILA_PREFIXES`); keys outside it are ignored. Load the result with
+    ``model.projector.load_state_dict(..., strict=True)``.
     """
+    prefixes = VILA_PREFIXES if prefix is None else (prefix,)
     out = {}
     for key, value in state.items():
-        if not key.startswith(prefix):
+        start = next((p for p in prefixes if key.startswith(p)), None)
+        if start is None:
             continue
-        index, _, rest = key[len(prefix):].partition(".")
+        index, _, rest = key[len(start):].partition(".")
         if not index.isdigit() or int(index) == 0:
             raise NvilaError(f"'{key}' is not a layer of an NVILA mlp_downsample projector (layer 0, the "
                              "downsample block, has no weights)")
         out[f"{int(index) - 1}.{rest}"] = value
+    return out
+
+
+def vila_projector_export(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`vila_projector_state_dict`: our projector's weights under the released file's names
+    (``1.weight`` -> ``layers.2.weight``), as NVILA's save writes ``mm_projector/model.safetensors``."""
+    out = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        if not index.isdigit():
+            raise NvilaError(f"'{key}' is not a layer of a sequential projector; only mlp and mlp-3x3 export")
+        out[f"layers.{int(index) + 1}.{rest}"] = value
     return out

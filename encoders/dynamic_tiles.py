@@ -17,7 +17,7 @@ from PIL import Image
 
 from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
 from nvila.core.specs import build
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding, load_rgb
 from nvila.encoders.s2 import Grid, _single_tile_size, check_base, check_chunk_size
 from nvila.encoders.tiling import closest_grid
 
@@ -38,8 +38,13 @@ class DynamicTilesConfig:
     """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
+    alpha: str = "white"
+    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
+    exif_rotate: bool = True
+    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
     def __post_init__(self) -> None:
+        check_decoding(self.alpha, self.max_pixels)
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles {self.min_tiles} and "
                              f"max_tiles {self.max_tiles}")
@@ -53,7 +58,10 @@ class DynamicTilesProcessor(ImageProcessor):
     def __init__(self, base: ImageProcessor, tile: int, config: DynamicTilesConfig) -> None:
         self.base, self.tile = base, tile
         self.min_tiles, self.max_tiles, self.thumbnail = config.min_tiles, config.max_tiles, config.thumbnail
-        self.max_pixels = config.max_pixels
+        self.max_pixels, self.alpha, self.exif_rotate = config.max_pixels, config.alpha, config.exif_rotate
+
+    def rgb(self, image: Image.Image) -> Image.Image:
+        return load_rgb(image, self.max_pixels, self.alpha, self.exif_rotate)
 
     def tile_grid(self, width: int, height: int) -> Grid:
         """(rows, cols) of the tile grid for a ``width`` x ``height`` image (thumbnail not included)."""
@@ -65,7 +73,7 @@ class DynamicTilesProcessor(ImageProcessor):
         return TilePlan(tiles=tiles, grid=(1, tiles))
 
     def __call__(self, image: Image.Image) -> PreparedImage:
-        rgb = load_rgb(image, self.max_pixels)
+        rgb = self.rgb(image)
         rows, cols = self.tile_grid(*rgb.size)
         resized = rgb.resize((cols * self.tile, rows * self.tile), Image.Resampling.BICUBIC)
         tiles = [self.base(resized.crop((c * self.tile, r * self.tile, (c + 1) * self.tile, (r + 1) * self.tile)))
@@ -76,7 +84,7 @@ class DynamicTilesProcessor(ImageProcessor):
 
     def frame(self, image: Image.Image) -> PreparedImage:
         """One video frame: a single tile at the base resolution."""
-        return PreparedImage(self.base(load_rgb(image, self.max_pixels)).pixels, grid=(1, 1))
+        return PreparedImage(self.base(self.rgb(image)).pixels, grid=(1, 1))
 
 
 class DynamicTilesEncoder(VisionEncoder):

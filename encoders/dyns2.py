@@ -18,7 +18,7 @@ from typing import Any
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import ImageProcessor
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding
 from nvila.encoders.s2 import Grid, S2Encoder, S2Processor, check_base, check_chunk_size, check_scales
 from nvila.encoders.tiling import closest_grid
 
@@ -37,9 +37,14 @@ class DynS2Config:
     """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
+    alpha: str = "white"
+    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
+    exif_rotate: bool = True
+    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
     def __post_init__(self) -> None:
         check_scales(self.scales)
+        check_decoding(self.alpha, self.max_pixels)
         if self.max_tiles < self.min_tiles:
             raise ValueError(f"max_tiles {self.max_tiles} is below the ({self.scales[-1]} / {self.scales[0]})**2 "
                              f"= {self.min_tiles} tiles the largest scale needs at least")
@@ -55,8 +60,9 @@ class DynS2Processor(S2Processor):
     """S2 tiles, except that the largest scale is cut in NVILA's aspect-ratio grid."""
 
     def __init__(self, base: ImageProcessor, tile: int, scales: list[int], min_tiles: int, max_tiles: int,
-                 max_pixels: int) -> None:
-        super().__init__(base, tile, scales, output_scale=-1, max_pixels=max_pixels)
+                 max_pixels: int, alpha: str = "white", exif_rotate: bool = True) -> None:
+        super().__init__(base, tile, scales, output_scale=-1, max_pixels=max_pixels, alpha=alpha,
+                         exif_rotate=exif_rotate)
         self.min_tiles, self.max_tiles = min_tiles, max_tiles
 
     def scale_grids(self, width: int, height: int) -> list[Grid]:
@@ -80,7 +86,8 @@ class DynS2Encoder(S2Encoder):
 
     def processor(self) -> DynS2Processor:
         return DynS2Processor(self.base.processor(), self.tile, self.scales, self.config.min_tiles,
-                              self.config.max_tiles, self.config.max_pixels)
+                              self.config.max_tiles, self.config.max_pixels, self.config.alpha,
+                              self.config.exif_rotate)
 
     def scale_grids(self, grid: Grid) -> list[Grid]:
         return [(s // self.tile, s // self.tile) for s in self.scales[:-1]] + [tuple(grid)]

@@ -2,6 +2,11 @@
 
 Every encoder's processor goes through :func:`load_rgb`, so a broken or absurd image fails the same way
 everywhere: one :class:`ImageError` that names the image and, for size limits, the setting to change.
+
+Two choices are settings of the encoders that offer them (``alpha``, ``exif_rotate``): nvila's own models
+composite transparent pixels onto white and turn EXIF-rotated photos upright; released NVILA models were
+trained on ``image.convert("RGB")`` (alpha dropped, EXIF orientation ignored), so a model loaded from an
+official checkpoint sets ``alpha: drop, exif_rotate: false`` to see the pixels its weights were trained on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Pillow's own decompression-bomb threshold (about 89.5 megapixels): a sane default pixel limit."""
+
+ALPHA_MODES = ("white", "drop")
+"""How transparent pixels become RGB: composited onto white (nvila), or the alpha channel dropped (NVILA)."""
+
+
+def check_decoding(alpha: str, max_pixels: int) -> None:
+    """Validate an encoder config's decoding settings (ValueError naming the key)."""
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"key 'alpha' = {alpha!r} is not one of {', '.join(ALPHA_MODES)}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
 
 
 class ImageError(NvilaError, ValueError):
@@ -42,11 +58,12 @@ def check_size(image: Image.Image, max_pixels: int) -> None:
                          "bombs). Downscale the image, or raise `max_pixels` in the encoder spec.")
 
 
-def load_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Size-check, decode and convert an image to upright 8-bit RGB, with a clear error on failure."""
+def load_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: str = "white",
+             exif_rotate: bool = True) -> Image.Image:
+    """Size-check, decode and convert an image to 8-bit RGB (see :func:`to_rgb`), with a clear error on failure."""
     check_size(image, max_pixels)
     try:
-        rgb = to_rgb(image)
+        rgb = to_rgb(image, alpha, exif_rotate)
     except (OSError, ValueError, SyntaxError) as exc:  # truncated data, corrupt headers, odd modes
         raise ImageError(f"Cannot decode the {describe(image)}: {exc}") from None
     check_size(rgb, max_pixels)  # EXIF rotation swaps the sides; the area stays the same
@@ -68,12 +85,15 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (grayscale, RGBA, palette, CMYK, 16-bit) as upright 8-bit RGB.
+def to_rgb(image: Image.Image, alpha: str = "white", exif_rotate: bool = True) -> Image.Image:
+    """Any PIL image (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB.
 
-    Transparent pixels are composited onto white; 16-bit images are scaled from their full range.
+    ``alpha="white"`` composites transparent pixels onto white; ``"drop"`` discards the alpha channel, as
+    ``convert("RGB")`` does. ``exif_rotate`` turns the image upright by its EXIF orientation. 16-bit images are
+    scaled from their full range.
     """
-    image = ImageOps.exif_transpose(image)
+    if exif_rotate:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         array = np.asarray(image, dtype=np.float32)  # (H, W), 0..65535 by definition of the mode
         image = Image.fromarray((array / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8), mode="L")
@@ -81,7 +101,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float32)  # (H, W)
         scale = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray((array / scale * 255.0).round().clip(0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
+    if alpha == "white" and image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -106,11 +126,12 @@ class TileProcessor(ImageProcessor):
     """The whole image resized to one square tile and normalised: a single-tile encoder's preprocessing."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, alpha: str = "white", exif_rotate: bool = True) -> None:
         self.image_size, self.mean, self.std, self.max_pixels = image_size, tuple(mean), tuple(std), max_pixels
+        self.alpha, self.exif_rotate = alpha, exif_rotate
 
     def __call__(self, image: Image.Image) -> PreparedImage:
-        rgb = load_rgb(image, self.max_pixels)
+        rgb = load_rgb(image, self.max_pixels, self.alpha, self.exif_rotate)
         pixels = to_tensor(rgb, (self.image_size, self.image_size), self.mean, self.std)  # (3, S, S)
         return PreparedImage(pixels[None], grid=(1, 1))  # (1, 3, S, S)
 

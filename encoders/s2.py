@@ -24,7 +24,7 @@ from PIL import Image
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
 from nvila.core.specs import as_dict, build
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, load_rgb
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding, load_rgb
 from nvila.encoders.tiling import merge_blocks
 
 Grid = tuple[int, int]
@@ -71,9 +71,14 @@ class S2Config:
     """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
+    alpha: str = "white"
+    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
+    exif_rotate: bool = True
+    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
     def __post_init__(self) -> None:
         check_scales(self.scales)
+        check_decoding(self.alpha, self.max_pixels)
         if not -len(self.scales) <= self.output_scale < len(self.scales):
             raise ValueError(f"output_scale {self.output_scale} is not an index into scales {list(self.scales)}")
         check_chunk_size(self.chunk_size)
@@ -84,9 +89,13 @@ class S2Processor(ImageProcessor):
     """Tiles of every scale, smallest scale first, each normalised by the base encoder's processor."""
 
     def __init__(self, base: ImageProcessor, tile: int, scales: list[int], output_scale: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, alpha: str = "white", exif_rotate: bool = True) -> None:
         self.base, self.tile, self.scales = base, tile, list(scales)
         self.output_scale, self.max_pixels = output_scale, max_pixels
+        self.alpha, self.exif_rotate = alpha, exif_rotate
+
+    def rgb(self, image: Image.Image) -> Image.Image:
+        return load_rgb(image, self.max_pixels, self.alpha, self.exif_rotate)
 
     def scale_grids(self, width: int, height: int) -> list[Grid]:
         """(rows, cols) of tiles at each scale for a ``width`` x ``height`` image."""
@@ -101,7 +110,7 @@ class S2Processor(ImageProcessor):
         return self.scale_grids(width, height)[-1]
 
     def __call__(self, image: Image.Image) -> PreparedImage:
-        rgb = load_rgb(image, self.max_pixels)
+        rgb = self.rgb(image)
         tiles = []
         for rows, cols in self.scale_grids(*rgb.size):
             resized = rgb.resize((cols * self.tile, rows * self.tile), Image.Resampling.BICUBIC)
@@ -113,7 +122,7 @@ class S2Processor(ImageProcessor):
 
     def frame(self, image: Image.Image) -> PreparedImage:
         """One video frame: a single tile at the base resolution."""
-        return PreparedImage(self.base(load_rgb(image, self.max_pixels)).pixels, grid=(1, 1))  # (1, 3, S, S)
+        return PreparedImage(self.base(self.rgb(image)).pixels, grid=(1, 1))  # (1, 3, S, S)
 
     def plan(self, width: int, height: int) -> TilePlan:
         tiles = sum(rows * cols for rows, cols in self.scale_grids(width, height))
@@ -145,7 +154,7 @@ class S2Encoder(VisionEncoder):
 
     def processor(self) -> S2Processor:
         return S2Processor(self.base.processor(), self.tile, self.scales, self.config.output_scale,
-                           self.config.max_pixels)
+                           self.config.max_pixels, self.config.alpha, self.config.exif_rotate)
 
     def scale_grids(self, grid: Grid) -> list[Grid]:
         """(rows, cols) of tiles at each scale for an image whose block grid is ``grid``."""

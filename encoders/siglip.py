@@ -20,7 +20,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import VisionEncoder
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
+from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor, check_decoding
 
 
 @dataclass
@@ -47,12 +47,15 @@ class SiglipConfig:
     """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
+    alpha: str = "white"
+    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
+    exif_rotate: bool = True
+    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
     def __post_init__(self) -> None:
         if self.checkpoint is None and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        check_decoding(self.alpha, self.max_pixels)
 
 
 class SiglipEncoder(VisionEncoder):
@@ -97,7 +100,8 @@ class SiglipEncoder(VisionEncoder):
         self.vision.post_layernorm = nn.Identity()
 
     def processor(self) -> TileProcessor:
-        return TileProcessor(self.image_size, self.mean, self.std, self.config.max_pixels)
+        return TileProcessor(self.image_size, self.mean, self.std, self.config.max_pixels, self.config.alpha,
+                             self.config.exif_rotate)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         if any(g != (1, 1) for g in grids) or len(grids) != pixels.shape[0]:

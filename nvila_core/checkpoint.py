@@ -73,4 +73,6 @@ def read_spec(directory: str | Path) -> ModelSpec:
     spec = dict(saved["model"])
     if "max_length" in saved:  # checkpoints written before the spec held max_length and precision
         spec.setdefault("max_length", saved["max_length"])
+    if "image_end" not in spec:  # written before image end tokens: keep the token layout they were trained with
+        spec.update(image_end=None, strip_media_newline=False)
     return ModelSpec.from_dict(spec)

@@ -50,6 +50,19 @@ class ModelSpec:
         "and computes weights (it sets the Trainer's precision); recorded so that a checkpoint says how it was made",
         module=False)
     max_length: int = field(default=2048, metadata={"doc": "longest tokenized sample, visual tokens included"})
+    image_end: str | None = field(default="\n", metadata={
+        "doc": "text whose tokens follow each image's visual tokens, or each tile's when the encoder's tiles are "
+               "separate images (dynamic tiles): NVILA's image end tokens, a newline; null for none"})
+    tile_end: str | None = field(default=None, metadata={
+        "doc": "text whose tokens follow each tile's image_end when an image is cut into separate tiles "
+               "(NVILA-Lite: a newline, its prompt writes '<image>\\n' once per tile); null for none"})
+    strip_media_newline: bool = field(default=True, metadata={
+        "doc": "drop a newline written right after an <image> or <video> placeholder when that medium brings its "
+               "own end tokens (image_end, the temporal frame_end), as NVILA's data path does, so that "
+               "'<image>\\nWhat?' has exactly one newline after the image"})
+    single_image_tiling: bool = field(default=False, metadata={
+        "doc": "tile an image only when it is the sample's only image; with several, each becomes one tile at the "
+               "base resolution, as NVILA's inference (generate_content) does. false tiles every image"})
 
     @classmethod
     def slots(cls) -> dict[str, str]:
@@ -114,13 +127,18 @@ class NvilaModel(nn.Module):
             self.tokenizer.add_special_tokens({"additional_special_tokens": missing},
                                               replace_extra_special_tokens=False)
         self.llm.resize_vocab(len(self.tokenizer))
-        frame_end = self.temporal.frame_end
-        frame_end_ids = self.tokenizer(frame_end, add_special_tokens=False).input_ids if frame_end else []
-        self.processor = NvilaProcessor(self.tokenizer, self.encoder.processor(), self.tokens_per_block,
-                                        self.spec.max_length, frames_out=self.temporal.output_frames,
-                                        frame_end_ids=frame_end_ids)
+        self.processor = NvilaProcessor(
+            self.tokenizer, self.encoder.processor(), self.tokens_per_block, self.spec.max_length,
+            frames_out=self.temporal.output_frames, frame_end_ids=self._text_ids(self.temporal.frame_end),
+            image_end_ids=self._text_ids(self.spec.image_end), tile_end_ids=self._text_ids(self.spec.tile_end),
+            end_per_block=not self.encoder.blocks_form_one_map, strip_media_newline=self.spec.strip_media_newline,
+            single_image_tiling=self.spec.single_image_tiling)
         self.image_token_id = self.processor.image_token_id
         self.video_token_id = self.processor.video_token_id
+
+    def _text_ids(self, text: str | None) -> list[int]:
+        """Token ids of end text (image_end, tile_end, frame_end), embedded by the language model itself."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def visual_tokens(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""

@@ -66,7 +66,7 @@ class Plan:
     tokens_per_block: int
     """Tokens the compressor makes of each block."""
     visual_tokens: int
-    """Tokens the media adds to the language model's input."""
+    """Tokens the media adds to the language model's input (end tokens included)."""
     llm_tokens: int
     """Language-model prefill length: visual plus text tokens."""
     stages: tuple[Stage, ...]
@@ -100,9 +100,9 @@ class Planner:
 
     # -- token counts only (cheap: no forward) -------------------------------------------------------
     def image_tokens(self, width: int, height: int) -> int:
-        """Visual tokens of a ``width`` x ``height`` image (upright size): what the data pipeline needs."""
-        grid = self.processor.plan(width, height).grid
-        return grid[0] * grid[1] * self.tokens_per_block
+        """Tokens a ``width`` x ``height`` image (upright size) adds to the language model's input: its visual
+        tokens and the image-end tokens after it (or after each tile), what ``<image>`` expands to."""
+        return self.model.processor.image_tokens(self.processor.plan(width, height).grid)
 
     def video_tokens(self, frames: int) -> int:
         """Tokens a video of ``frames`` frames adds to the language model's input: the frames the temporal
@@ -158,6 +158,8 @@ class Planner:
             if video_frames is not None:  # the processor adds frame-end text tokens after each kept frame
                 ends = model.temporal.output_frames(video_frames) * len(model.processor.frame_end_ids)
                 expected = self.video_tokens(video_frames) - ends
+            else:  # and image-end text tokens after each image (or tile)
+                ends = model.processor.image_tokens(block_grid) - expected
             if made != expected:
                 raise NvilaError(f"The model made {made} visual tokens where the processor's plan says "
                                  f"{expected}; the encoder or compressor breaks its shape contract.")

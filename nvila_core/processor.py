@@ -5,6 +5,10 @@ have visual tokens (known from the encoder's block grid and the compressor's out
 model can splice visual embeddings in place and batches can be padded like text. A ``<video>``
 placeholder becomes, for each frame left after temporal compression, the frame's visual-token slots
 followed by the frame-end text's token ids (NVILA: a newline), which the language model embeds itself.
+An ``<image>`` placeholder becomes the image's slots followed by the image-end ids (NVILA: a newline); when
+the encoder's tiles are separate images (dynamic tiles), every tile is followed by them, and by the tile-end
+ids. A newline written right after a placeholder whose medium brings end ids of its own is dropped, as
+NVILA's data path drops it, so that ``"<image>\\nWhat?"`` has one newline after the image, not two.
 """
 
 from __future__ import annotations
@@ -59,14 +63,23 @@ class NvilaProcessor:
 
     ``frames_out`` says how many frames a video of F frames keeps after temporal compression (the
     temporal compressor's ``output_frames``); ``frame_end_ids`` are the token ids that end each kept frame.
+    ``image_end_ids`` end each image, or each block when ``end_per_block`` (the encoder's blocks are separate
+    tiles), then followed by ``tile_end_ids`` too. ``strip_media_newline`` drops a newline right after a
+    placeholder whose medium has end ids. With ``single_image_tiling``, an image is tiled only when it is the
+    sample's only one; several images are each one tile at the base resolution (``ImageProcessor.frame``).
     """
 
     def __init__(self, tokenizer: Any, image_processor: ImageProcessor,
                  tokens_per_block: int, max_length: int = 2048,
-                 frames_out: Callable[[int], int] = every_frame, frame_end_ids: Sequence[int] = ()) -> None:
+                 frames_out: Callable[[int], int] = every_frame, frame_end_ids: Sequence[int] = (),
+                 image_end_ids: Sequence[int] = (), tile_end_ids: Sequence[int] = (), end_per_block: bool = False,
+                 strip_media_newline: bool = False, single_image_tiling: bool = False) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.tokens_per_block, self.max_length = tokens_per_block, max_length
         self.frames_out, self.frame_end_ids = frames_out, list(frame_end_ids)
+        self.image_end_ids, self.tile_end_ids = list(image_end_ids), list(tile_end_ids)
+        self.end_per_block, self.strip_media_newline = end_per_block, strip_media_newline
+        self.single_image_tiling = single_image_tiling
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise NvilaError(f"The tokenizer has no '{IMAGE_TOKEN}' token; add it as a special token.")
@@ -93,6 +106,18 @@ class NvilaProcessor:
             out.append({"role": role, "content": content})
         return out
 
+    def image_ids(self, grid: tuple[int, int], tiled: bool = True) -> list[int]:
+        """What an ``<image>`` placeholder becomes for an image of block grid ``grid``: its visual-token slots
+        (``image_token_id``) and end ids; ``tiled`` is False for an image encoded as one base-resolution tile."""
+        blocks, slots = grid[0] * grid[1], [self.image_token_id] * self.tokens_per_block
+        if self.end_per_block:  # every tile is an image of its own (NVILA-Lite's dynamic tiles)
+            return (slots + self.image_end_ids + (self.tile_end_ids if tiled else [])) * blocks
+        return slots * blocks + self.image_end_ids
+
+    def image_tokens(self, grid: tuple[int, int] = (1, 1), tiled: bool = True) -> int:
+        """Tokens an ``<image>`` placeholder expands to for an image of block grid ``grid``, end tokens included."""
+        return len(self.image_ids(grid, tiled))
+
     def video_tokens(self, frames: int, grid: tuple[int, int] = (1, 1)) -> int:
         """Tokens a ``<video>`` placeholder expands to for ``frames`` frames of block grid ``grid`` each."""
         per_frame = grid[0] * grid[1] * self.tokens_per_block + len(self.frame_end_ids)
@@ -105,7 +130,7 @@ class NvilaProcessor:
         ``images`` fill the ``<image>`` placeholders in order; ``videos`` (each a list of frames) fill
         the ``<video>`` placeholders in order.
         """
-        messages = self.messages(conversations)
+        messages = self._strip_media_newlines(self.messages(conversations))
         ids: list[int] = []
         labels: list[int] = []
 
@@ -134,6 +159,17 @@ class NvilaProcessor:
             extend(prompt[len(rendered):], supervised=False)
         return self._with_media(ids, labels, images, videos)
 
+    def _strip_media_newlines(self, messages: list[dict]) -> list[dict]:
+        """Drop the newline right after each placeholder whose medium brings its own end ids (NVILA's data path
+        removes ``"<image>\\n"`` before its encoder appends the end tokens)."""
+        if not self.strip_media_newline:
+            return messages
+        tokens = [t for t, ends in ((IMAGE_TOKEN, self.image_end_ids), (VIDEO_TOKEN, self.frame_end_ids)) if ends]
+        for message in messages:
+            for token in tokens:
+                message["content"] = message["content"].replace(token + "\n", token)
+        return messages
+
     @staticmethod
     def _check_prefix(before: str, after: str) -> None:
         if not after.startswith(before):
@@ -150,16 +186,18 @@ class NvilaProcessor:
             raise NvilaError(f"The tokenizer has no '{VIDEO_TOKEN}' token; add it as a special token.")
         if video_slots != len(videos):
             raise ValueError(f"{video_slots} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s)")
-        prepared = [self.image_processor(image) for image in images]
+        tiled = len(images) == 1 or not self.single_image_tiling
+        prepare = self.image_processor if tiled else self.image_processor.frame
+        prepared = [prepare(image) for image in images]
         clips = [self._prepare_video(frames) for frames in videos]
         out_ids: list[int] = []
         out_labels: list[int] = []
         media, clip_iter = iter(prepared), iter(clips)
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
-                n = next(media).num_blocks * self.tokens_per_block
-                out_ids += [self.image_token_id] * n
-                out_labels += [IGNORE_INDEX] * n
+                expanded = self.image_ids(next(media).grid, tiled)
+                out_ids += expanded
+                out_labels += [IGNORE_INDEX] * len(expanded)
             elif token == self.video_token_id:
                 _, (f, rows, cols) = next(clip_iter)
                 frame = [self.video_token_id] * (rows * cols * self.tokens_per_block) + self.frame_end_ids

@@ -48,6 +48,10 @@ class Qwen2LMConfig:
     of released models set the real size (Qwen2-7B: 152,064; Qwen2-1.5B: 151,936), so cost plans are real."""
     attn_implementation: str = "sdpa"
     """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding (Qwen2 and Qwen2.5 releases: 1,000,000)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of the RMS norms."""
 
     def __post_init__(self) -> None:
         if self.checkpoint is None and self.hidden_size % self.num_heads:
@@ -77,7 +81,8 @@ class Qwen2LM(LanguageModel):
                 intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
                 num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
                 max_position_embeddings=config.max_position_embeddings,
-                tie_word_embeddings=config.tie_word_embeddings)
+                tie_word_embeddings=config.tie_word_embeddings, rope_theta=config.rope_theta,
+                rms_norm_eps=config.rms_norm_eps)
             hf._attn_implementation = config.attn_implementation
             self.model = Qwen2ForCausalLM(hf)
         self.hidden_size = self.model.config.hidden_size

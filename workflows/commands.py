@@ -198,6 +198,19 @@ def _generate(args: argparse.Namespace, rest: list[str]) -> None:
     run(args)
 
 
+# -- convert --------------------------------------------------------------------------------------------------
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from nvila.workflows.convert import add_arguments
+
+    add_arguments(parser)
+
+
+def _convert(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.convert import run
+
+    run(args)
+
+
 # -- plan -----------------------------------------------------------------------------------------------------
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, action="append",
@@ -276,6 +289,8 @@ COMMANDS: dict[str, Command] = {
                     description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
     "generate": Command("answer a question about images or a video, streaming the answer token by token",
                         _generate, _generate_arguments),
+    "convert": Command("convert a checkpoint between the released NVILA layout and nvila's", _convert,
+                       _convert_arguments),
     "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
                      _sweep_arguments, passes_through=True,
                      description="Train every combination of --grid values (each a plain `nvila fit` command line, "

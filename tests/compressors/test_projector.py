@@ -1,7 +1,12 @@
 import torch
 from torch import nn
 
-from nvila.compressors.projector import MLP3x3ProjectorConfig, mlp_3x3_projector, vila_projector_state_dict
+from nvila.compressors.projector import (
+    MLP3x3ProjectorConfig,
+    mlp_3x3_projector,
+    vila_projector_export,
+    vila_projector_state_dict,
+)
 from nvila.compressors.stc import SpatialToChannel, STCConfig
 
 
@@ -31,3 +36,16 @@ def test_released_3x3_projector_weights_load_and_give_the_same_tokens():
     ours.load_state_dict(vila_projector_state_dict(released), strict=True)
     tokens = SpatialToChannel(STCConfig(ratio=3))(torch.randn(2, 7, 8, c))  # (M, n, 9C)
     torch.testing.assert_close(ours(tokens), vila(tokens))
+
+
+def test_released_projector_file_keys_load_with_the_default_prefix():
+    """A released mm_projector/model.safetensors stores layers.N.* (NVILA's save strips 'mm_projector.')."""
+    torch.manual_seed(0)
+    c, d = 4, 10
+    vila = vila_3x3_projector(c, d)
+    released_file = {f"layers.{k}": v for k, v in vila.state_dict().items()}
+    ours = mlp_3x3_projector(MLP3x3ProjectorConfig(), in_dim=9 * c, out_dim=d)
+    ours.load_state_dict(vila_projector_state_dict(released_file), strict=True)
+    tokens = SpatialToChannel(STCConfig(ratio=3))(torch.randn(2, 7, 8, c))  # (M, n, 9C)
+    torch.testing.assert_close(ours(tokens), vila(tokens))
+    assert vila_projector_export(ours.state_dict()).keys() == released_file.keys()

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nvila.encoders.preprocess import ImageError, TileProcessor, load_rgb, open_image, to_rgb
@@ -100,3 +101,40 @@ def test_truncated_and_undecodable_images_name_the_image(tmp_path):
         open_image(path)
     with pytest.raises(ImageError, match="Cannot open image '<bytes>'"):
         open_image(b"not an image at all")
+
+
+def test_official_decoding_drops_alpha_and_ignores_exif_as_convert_rgb_does():
+    """Released NVILA decodes with image.convert("RGB"): alpha dropped, EXIF orientation never applied."""
+    rgba = Image.new("RGBA", (3, 2), (10, 200, 30, 0))  # fully transparent green
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # nvila: onto white
+    assert to_rgb(rgba, alpha="drop").tobytes() == rgba.convert("RGB").tobytes()
+    stored = Image.new("RGB", (4, 2), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "PNG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buf.getvalue())), exif_rotate=False).size == (4, 2)
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "siglip", "alpha": "drop", "exif_rotate": False},
+    {"name": "dyns2", "scales": [32, 64], "max_tiles": 4, "alpha": "drop", "exif_rotate": False,
+     "base": {"name": "siglip", "image_size": 32}},
+    {"name": "dynamic-tiles", "alpha": "drop", "exif_rotate": False, "base": {"name": "siglip", "image_size": 32}},
+])
+def test_encoders_decode_as_their_spec_says(spec):
+    from nvila.core.specs import build
+
+    processor = build("encoder", spec).processor()
+    image = Image.new("RGBA", (40, 30), (10, 200, 30, 0))
+    expected = processor(image.convert("RGB")).pixels
+    torch.testing.assert_close(processor(image).pixels, expected)  # alpha dropped, not composited
+    torch.testing.assert_close(processor.frame(image).pixels, processor.frame(image.convert("RGB")).pixels)
+
+
+def test_unknown_alpha_mode_is_refused_naming_the_key():
+    from nvila.core.errors import NvilaError
+    from nvila.core.specs import build
+
+    with pytest.raises(NvilaError, match="alpha"):
+        build("encoder", {"name": "siglip", "alpha": "black"})

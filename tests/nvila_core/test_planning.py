@@ -52,7 +52,10 @@ def test_planned_tokens_are_what_the_model_produces(built, compressor, size):
     with torch.no_grad():
         visual = model.visual_tokens(encoded.pixels, encoded.grids)  # (N, D)
     plan = planner.image(*size)
-    assert plan.visual_tokens == planner.image_tokens(*size) == placeholders == visual.shape[0]
+    assert placeholders == visual.shape[0]
+    assert plan.visual_tokens == planner.image_tokens(*size) == model.processor.image_tokens(encoded.grids[0])
+    ends = len(model.processor.image_end_ids) * (encoded.grids[0][1] if model.processor.end_per_block else 1)
+    assert plan.visual_tokens == placeholders + ends  # the image-end newline(s) count as the image's tokens
     assert plan.tiles == encoded.pixels.shape[0] and plan.block_grid == encoded.grids[0]
     assert plan.stage("projector").tokens == visual.shape[0] and plan.stage("projector").width == visual.shape[1]
 
@@ -101,10 +104,11 @@ def test_activation_memory_and_kv_cache_are_planned():
 
 
 @pytest.mark.parametrize("recipe,size,tiles,grid,tokens", [
-    ("nvila-8b", (1920, 1080), 17, (3, 4), 12 * 256),    # 16:9 -> 4 x 3 tiles at 1344, 256 tokens each
-    ("nvila-8b", (448, 448), 14, (3, 3), 9 * 256),       # square -> the minimum of 9 tiles
-    ("nvila-lite-2b", (1920, 1080), 9, (1, 9), 9 * 121),  # 4 x 2 tiles (2:1 ties 2 x 1, image large) + thumbnail
-    ("nvila-lite-2b", (448, 448), 1, (1, 1), 121),         # one tile, no thumbnail
+    # each image ends with a newline token (image_end); each NVILA-Lite tile is an image of its own
+    ("nvila-8b", (1920, 1080), 17, (3, 4), 12 * 256 + 1),  # 16:9 -> 4 x 3 tiles at 1344, 256 tokens each
+    ("nvila-8b", (448, 448), 14, (3, 3), 9 * 256 + 1),     # square -> the minimum of 9 tiles
+    ("nvila-lite-2b", (1920, 1080), 9, (1, 9), 9 * 122),    # 4 x 2 tiles (2:1 ties 2 x 1, image large) + thumbnail
+    ("nvila-lite-2b", (448, 448), 1, (1, 1), 122),           # one tile, no thumbnail
 ])
 def test_released_presets_plan_without_weights(recipe, size, tiles, grid, tokens):
     planner = Planner(model_spec(read_recipe(['--config', recipe])), measure_memory=False)
@@ -118,7 +122,7 @@ def test_nvila_plan_prints_a_table(capsys):
                  "--model.encoder.max_tiles=9"]) == 0
     out = capsys.readouterr().out
     assert "image 300 wide x 20 high" in out and "largest-scale grid 1 x 9" in out
-    assert "llm prefill" in out and "prefill length 41" in out  # 9 blocks x 4 tokens + 5 text tokens
+    assert "llm prefill" in out and "prefill length 42" in out  # 9 blocks x 4 tokens + newline + 5 text
 
 
 @pytest.mark.parametrize("args,message", [
@@ -139,7 +143,7 @@ def test_landscape_sizes_are_width_first(capsys):
     assert main(["plan", "--config", "nvila-8b", "--image-size", "1920x1080"]) == 0
     out = capsys.readouterr().out
     assert "image 1920 wide x 1080 high" in out and "largest-scale grid 3 x 4" in out  # 3 rows, 4 columns
-    assert "visual tokens into the LLM: 3,072" in out
+    assert "visual tokens into the LLM: 3,073" in out  # 12 x 256 and the image's end newline
 
 
 def test_plan_reads_stacked_recipes_and_overrides_exactly_as_fit(tmp_path, capsys, synth_data):
