@@ -170,19 +170,20 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> None:
 
 # -- eval, generate -------------------------------------------------------------------------------------------
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory: nvila's (spec.yaml, model.safetensors) "
+                                                      "or a released NVILA one (config.json, llm/, vision_tower/)")
     parser.add_argument("--shards", required=True, help="directory of shards to evaluate on")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
 
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.core.checkpoint import load_checkpoint
     from nvila.core.data.shards import find_shards
     from nvila.workflows.evaluate import evaluate
+    from nvila.workflows.pretrained import load_model
 
     shards = find_shards(args.shards)
-    result = evaluate(load_checkpoint(args.ckpt), shards, args.batch_size, args.limit)
+    result = evaluate(load_model(args.ckpt), shards, args.batch_size, args.limit)
     print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
 
 

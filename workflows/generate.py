@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the engine imports torch: `nvila --help` and the other comm
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``nvila generate`` options."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory, nvila layout or released NVILA")
     parser.add_argument("--prompt", required=True,
                         help="the question; <image> / <video> in it mark where the media go (default: before the text)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image; repeat for more")
@@ -43,15 +43,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
     With ``args.stats``, a line of counts and timings goes to ``err`` (stderr) at the end.
     """
-    from nvila.core.checkpoint import load_checkpoint
     from nvila.core.engine import ChatRequest, DecodingConfig, Engine
+    from nvila.workflows.pretrained import load_model
 
     out, err = out or sys.stdout, err or sys.stderr
     config = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
     images = [read_image(path) for path in args.image]
     videos = [read_video(args.video, args.frames)] if args.video else []
-    engine = Engine(load_checkpoint(args.ckpt))
+    engine = Engine(load_model(args.ckpt))  # nvila's layout or a released NVILA checkpoint
     request = ChatRequest([{"role": "user", "content": with_placeholders(args.prompt, len(images), len(videos))}],
                           images=images, videos=videos)
     answer = stream_answer(engine, request, config, out)

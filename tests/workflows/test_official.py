@@ -240,3 +240,16 @@ def test_unknown_fields_are_reported_and_written_back(released, tmp_path, caplog
     assert any("brand_new_field" in line for line in report.report)
     out = NVILA(model, report).save_pretrained(tmp_path / "out", layout="official")
     assert json.loads((out / "config.json").read_text())["brand_new_field"] == 7
+
+
+def test_generate_and_eval_take_a_released_checkpoint(released, tmp_path, capsys):
+    from nvila.core.data.synthetic import write_dataset
+
+    image = tmp_path / "picture.png"
+    picture().save(image)
+    assert main(["generate", "--ckpt", str(released["nvila-8b"]), "--image", str(image), "--prompt", "What is it?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    write_dataset(tmp_path / "data", train=1, val=4, image_size=32)
+    assert main(["eval", "--ckpt", str(released["nvila-lite"]), "--shards", str(tmp_path / "data" / "val")]) == 0
+    assert "on 4 questions" in capsys.readouterr().out
