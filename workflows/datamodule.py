@@ -81,7 +81,7 @@ class NvilaDataModule(L.LightningDataModule):
                         len(self.train_shards), ranks, ranks)
         stream = EpochStream(self.train_shards, self._model.processor, self.hparams.shuffle_buffer,
                              self.hparams.seed, self._batching(self.hparams.packing), self.video)
-        return ResumableLoader(stream, batch_size=None, collate_fn=as_formed,
+        return ResumableLoader(stream, self.health, batch_size=None, collate_fn=as_formed,
                                num_workers=self._workers(self.train_shards))
 
     def val_dataloader(self) -> DataLoader | list:
@@ -96,7 +96,7 @@ class NvilaDataModule(L.LightningDataModule):
                      len(self.val_shards), self.trainer.world_size)
         # validation batches are padded: per-sample metrics (exact match) read rows as samples
         stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video,
-                             split_by_rank=split)
+                             split_by_rank=split, skip_only_batches=False)
         return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
                           persistent_workers=workers > 0)
 

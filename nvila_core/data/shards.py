@@ -26,8 +26,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from nvila.core.data.packing import Batching
-from nvila.core.data.skips import ShardErrors, Skipped
+from nvila.core.data.packing import Batching, skips_only
+from nvila.core.data.skips import DataHealth, ShardErrors, Skipped
 from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
 from nvila.core.errors import NvilaError
 from nvila.core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
@@ -179,13 +179,15 @@ class EpochStream(IterableDataset):
 
     With ``batching`` it yields batches formed in each DataLoader worker (load it with ``batch_size=None``),
     each carrying the skip records met while forming it (``batch["skipped"]``): that is how counts from the
-    worker processes reach the main process. Without, it yields the usable ``Encoded`` samples.
+    worker processes reach the main process; a worker whose whole share was skipped yields one batch of skip
+    records alone (``skip_only_batches=False`` leaves it out). Without, it yields the usable ``Encoded`` samples.
     """
 
     def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0,
                  batching: Batching | None = None, video: VideoSampling | None = None,
-                 split_by_rank: bool = True) -> None:
+                 split_by_rank: bool = True, skip_only_batches: bool = True) -> None:
         self.shards, self.processor, self.shuffle, self.seed = shards, processor, shuffle, seed
+        self.skip_only_batches = skip_only_batches
         self.batching, self.video, self.split_by_rank = batching, video, split_by_rank
         self.epoch = 0
 
@@ -193,7 +195,7 @@ class EpochStream(IterableDataset):
         items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video), self.shuffle,
                                self.seed + self.epoch, self.split_by_rank)
         if self.batching is not None:
-            yield from self.batching(items)
+            yield from (b for b in self.batching(items) if self.skip_only_batches or not skips_only(b))
         else:
             yield from (item for item in items if isinstance(item, Encoded))
 
@@ -229,6 +231,26 @@ def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
         yield batch
 
 
+class NoProgress(NvilaError):
+    """A training epoch that formed no batch at all: every sample was skipped, or there were none."""
+
+    def __init__(self, epoch: int, health: DataHealth | None) -> None:
+        if health is None or not health.total_skipped:
+            message = (f"Stopping: training epoch {epoch} formed no batch: data.train holds no sample this rank "
+                       "could read. Check the shards (nvila data convert writes a report of what it left out).")
+        else:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in health.skipped.most_common())
+            message = (f"Stopping: training epoch {epoch} formed no batch: every sample was skipped ({counts}); "
+                       "nothing was trained and no checkpoint is exported.")
+            if health.skipped.most_common(1)[0][0] == "too_long":
+                message += (" Each sample is longer than model.max_length (or data.pack_tokens): raise "
+                            "model.max_length, or lower the encoder's tiles.")
+            else:
+                message += (" The log names each skipped sample (shard:key); fix the shards or point data.train "
+                            "elsewhere.")
+        super().__init__(message)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
 
@@ -241,23 +263,37 @@ class ResumableLoader(DataLoader):
     PREFETCHED = 1
     """Batches Lightning's data fetcher draws ahead of the one being trained on."""
 
-    def __init__(self, dataset: EpochStream, **kwargs: Any) -> None:
+    def __init__(self, dataset: EpochStream, health: DataHealth | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
+        self.health = health
         self.epoch, self._yielded, self._skip = 0, 0, 0
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch  # copied into the workers when they start
-        batches = while_every_rank_has_one(super().__iter__())
-        self._yielded = 0
+        self._counted = False
+        batches = while_every_rank_has_one(self._counting(super().__iter__()))
+        self._yielded = replayed = 0
         for _ in range(self._skip):
             if next(batches, None) is None:
                 break
             self._yielded += 1
-        self._skip = 0
+            replayed += 1
+        self._skip, self._counted = 0, True
         for batch in batches:
             self._yielded += 1
             yield batch
+        if self._yielded == 0 and replayed == 0:
+            raise NoProgress(self.epoch, self.health)
         self.epoch, self._yielded = self.epoch + 1, 0  # between epochs: the next one starts from its beginning
+
+    def _counting(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches`` without the skip-only ones, whose records go straight to ``health`` (not while replaying:
+        a resumed run's counts come from its checkpoint)."""
+        for batch in batches:
+            if not skips_only(batch):
+                yield batch
+            elif self.health is not None and self._counted:
+                self.health.update(0, batch["skipped"])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches": max(self._yielded - self.PREFETCHED, 0)}
