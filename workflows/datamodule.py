@@ -39,12 +39,15 @@ class NvilaDataModule(L.LightningDataModule):
         video_fps: frames per second of video to sample when ``video_frames`` is None.
         video_max_frames: cap on frames per video when sampling by fps.
         max_skip_fraction: stop training once more than this share of the samples seen had to be skipped.
+        max_image_pixels: images whose header claims more pixels are skipped undecoded (``image_too_large``);
+            None: ``$NVILA_MAX_IMAGE_PIXELS``, else 50,000,000.
     """
 
     def __init__(self, train: str = "nvila-demo/data/train", val: str | None = None, batch_size: int = 16,
                  num_workers: int = 1, shuffle_buffer: int = 1000, seed: int = 0, packing: bool = False,
                  pack_tokens: int = 4096, video_frames: int | None = 8, video_fps: float | None = None,
-                 video_max_frames: int = 256, max_skip_fraction: float = 0.05) -> None:
+                 video_max_frames: int = 256, max_skip_fraction: float = 0.05,
+                 max_image_pixels: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_shards = find_shards(train)
@@ -80,7 +83,8 @@ class NvilaDataModule(L.LightningDataModule):
                         "%d shards (nvila data convert --shard-size) to train on every sample each epoch.",
                         len(self.train_shards), ranks, ranks)
         stream = EpochStream(self.train_shards, self._model.processor, self.hparams.shuffle_buffer,
-                             self.hparams.seed, self._batching(self.hparams.packing), self.video)
+                             self.hparams.seed, self._batching(self.hparams.packing), self.video,
+                             max_pixels=self.hparams.max_image_pixels)
         return ResumableLoader(stream, self.health, batch_size=None, collate_fn=as_formed,
                                num_workers=self._workers(self.train_shards))
 
@@ -96,7 +100,8 @@ class NvilaDataModule(L.LightningDataModule):
                      len(self.val_shards), self.trainer.world_size)
         # validation batches are padded: per-sample metrics (exact match) read rows as samples
         stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video,
-                             split_by_rank=split, skip_only_batches=False)
+                             split_by_rank=split, skip_only_batches=False,
+                             max_pixels=self.hparams.max_image_pixels)
         return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
                           persistent_workers=workers > 0)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import io
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from nvila.core.data.packing import Batching, skips_only
 from nvila.core.data.skips import DataHealth, ShardErrors, Skipped
 from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
 from nvila.core.errors import NvilaError
+from nvila.core.media import ImageRefused, max_image_pixels, open_images
 from nvila.core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,40 @@ def _placeholders(conversations: list[dict], token: str) -> int:
     return sum(str(turn.get("value", turn.get("content", ""))).count(token) for turn in conversations)
 
 
+@dataclasses.dataclass
+class Decoded:
+    """A raw sample's parts, checked and decoded, before tokenization (what evaluation asks questions from)."""
+
+    record: dict[str, Any]
+    """The whole ``.json`` record (``conversations``, and ``qtype``, ``source``... when present)."""
+    images: list[Image.Image]
+    videos: list[list[Image.Image]]
+    where: str
+    """``shard:key``."""
+
+    @property
+    def conversations(self) -> list[dict]:
+        return self.record["conversations"]
+
+
 class SampleDecoder:
     """Raw webdataset sample -> its conversation, images and video frames -> ``Encoded``, or ``Skipped``.
 
     Picklable; runs in the DataLoader workers, so image and video decoding and the encoder's preprocessing
     happen there. Videos are handed to the processor as ``videos=[frames, ...]`` when its ``encode`` takes
-    that argument; otherwise samples with videos are skipped as ``video_unsupported``.
+    that argument; otherwise samples with videos are skipped as ``video_unsupported``. Every image header is
+    held to the pixel limit (``max_pixels``, see :mod:`nvila.core.media`) before any image is decoded.
+    :meth:`decode` stops before tokenization: evaluation reads samples through it, with the same skips.
     """
 
-    def __init__(self, processor: NvilaProcessor, video: VideoSampling | None = None) -> None:
+    def __init__(self, processor: NvilaProcessor, video: VideoSampling | None = None,
+                 max_pixels: int | None = None) -> None:
         self.processor, self.video = processor, video or VideoSampling()
+        self.max_pixels = max_image_pixels(max_pixels)
         self.accepts_videos = "videos" in inspect.signature(processor.encode).parameters
 
-    def __call__(self, sample: dict[str, Any]) -> Encoded | Skipped:
+    def decode(self, sample: dict[str, Any]) -> Decoded | Skipped:
+        """The sample's record, images and video frames, or the reason it cannot be used."""
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
         def skip(reason: str, detail: str) -> Skipped:
@@ -111,25 +132,34 @@ class SampleDecoder:
                 return skip("media_without_placeholder", f"{len(keys)} {kind}(s) ({', '.join(keys)}), "
                             f"{wanted} {token} placeholder(s)")
         try:
-            images = [Image.open(io.BytesIO(sample[k])) for k in image_keys]
-            for image in images:
-                image.load()
-        except Exception as exc:
-            return skip("bad_image", f"{type(exc).__name__}: {exc}")
+            images = open_images([sample[k] for k in image_keys], self.max_pixels, names=image_keys)
+        except ImageRefused as exc:
+            return skip("image_too_large" if exc.reason == "too_large" else "bad_image", str(exc))
         try:
             videos = [decode_video(sample[k], self.video) for k in video_keys]
         except VideoDecodeError as exc:
             return skip("bad_video", str(exc))
+        return Decoded(record, images, videos, where)
+
+    def __call__(self, sample: dict[str, Any]) -> Encoded | Skipped:
+        decoded = self.decode(sample)
+        if isinstance(decoded, Skipped):
+            return decoded
+
+        def skip(reason: str, detail: str) -> Skipped:
+            return Skipped(reason, decoded.where, detail).log()
+
+        videos = decoded.videos
         if videos and not self.accepts_videos:  # after decoding, so that a corrupt clip is named as such
             return skip("video_unsupported", "video not supported by this model's processor")
         try:
-            extra = {"videos": videos} if video_keys else {}
-            encoded = self.processor.encode(conversations, images, **extra)
+            extra = {"videos": videos} if videos else {}
+            encoded = self.processor.encode(decoded.conversations, decoded.images, **extra)
         except SampleTooLong as exc:
             return skip("too_long", str(exc))
         except Exception as exc:
             return skip("encode_error", f"{type(exc).__name__}: {exc}")
-        return dataclasses.replace(encoded, key=where)
+        return dataclasses.replace(encoded, key=decoded.where)
 
 
 def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
@@ -185,14 +215,14 @@ class EpochStream(IterableDataset):
 
     def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0,
                  batching: Batching | None = None, video: VideoSampling | None = None,
-                 split_by_rank: bool = True, skip_only_batches: bool = True) -> None:
+                 split_by_rank: bool = True, skip_only_batches: bool = True, max_pixels: int | None = None) -> None:
         self.shards, self.processor, self.shuffle, self.seed = shards, processor, shuffle, seed
-        self.skip_only_batches = skip_only_batches
+        self.skip_only_batches, self.max_pixels = skip_only_batches, max_pixels
         self.batching, self.video, self.split_by_rank = batching, video, split_by_rank
         self.epoch = 0
 
     def __iter__(self) -> Iterator[Encoded] | Iterator[dict[str, Any]]:
-        items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video), self.shuffle,
+        items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video, self.max_pixels), self.shuffle,
                                self.seed + self.epoch, self.split_by_rank)
         if self.batching is not None:
             yield from (b for b in self.batching(items) if self.skip_only_batches or not skips_only(b))
@@ -302,10 +332,18 @@ class ResumableLoader(DataLoader):
         self.epoch, self._skip = state["epoch"], state["batches"]
 
 
-def read_records(shards: list[str] | list[Path]) -> Iterator[tuple[dict, list[Image.Image]]]:
-    """(conversation record, images) of every sample, in shard order, for evaluation and inspection."""
+def read_records(shards: list[str] | list[Path], max_pixels: int | None = None,
+                 ) -> Iterator[tuple[dict, list[Image.Image]]]:
+    """(conversation record, images) of every readable sample, in shard order, for inspection; samples with an
+    unreadable record or image (or one past the pixel limit) are logged and left out. Evaluation reads through
+    :meth:`SampleDecoder.decode` instead, which checks a sample as training does."""
     urls = [str(s) for s in shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=_log_and_skip):
-        record = json.loads(sample["json"])
-        images = [Image.open(io.BytesIO(sample[k])).convert("RGB") for k in media_keys(sample, IMAGE_EXTENSIONS)]
+        keys = media_keys(sample, IMAGE_EXTENSIONS)
+        try:
+            record = json.loads(sample["json"])
+            images = [i.convert("RGB") for i in open_images([sample[k] for k in keys], max_pixels, names=keys)]
+        except (KeyError, ValueError, NvilaError) as exc:
+            log.warning("skipped %s:%s: %s", sample.get("__url__"), sample.get("__key__"), exc)
+            continue
         yield record, images

@@ -24,6 +24,7 @@ REASONS: dict[str, str] = {
     "malformed_json": "the .json is not valid JSON or holds no conversation (LLaVA turns)",
     "missing_json": "a sample with media files but no .json conversation",
     "bad_image": "an image PIL cannot decode",
+    "image_too_large": "an image whose header claims more pixels than the limit (not decoded)",
     "bad_video": "a video PyAV cannot decode (corrupt or truncated)",
     "placeholder_without_media": "more <image>/<video> placeholders than media files",
     "media_without_placeholder": "more media files than <image>/<video> placeholders",
