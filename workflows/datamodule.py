@@ -49,6 +49,8 @@ class NvilaDataModule(L.LightningDataModule):
                  video_max_frames: int = 256, max_skip_fraction: float = 0.05,
                  max_image_pixels: int | None = None) -> None:
         super().__init__()
+        _check_sizes(batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                     pack_tokens=pack_tokens, max_image_pixels=max_image_pixels)
         self.save_hyperparameters()
         self.train_shards = find_shards(train)
         self.val_shards = find_shards(val) if val else None
@@ -123,3 +125,22 @@ class NvilaDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "health" in state_dict:
             self.health.load_state_dict(state_dict["health"])
+
+
+MAX_BATCH_SIZE = 1 << 16
+"""Samples (or packed rows) per batch and device beyond which a setting is surely a typo."""
+_LIMITS = {"batch_size": (1, MAX_BATCH_SIZE), "num_workers": (0, 1024), "shuffle_buffer": (0, 1 << 24),
+           "pack_tokens": (1, 1 << 24), "max_image_pixels": (1, 1 << 40)}
+
+
+def _check_sizes(**values: int | None) -> None:
+    """Refuse counts outside their meaning (a negative batch, -1 workers, a batch no memory could hold)."""
+    problems = []
+    for name, value in values.items():
+        low, high = _LIMITS[name]
+        if value is None and name == "max_image_pixels":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"data.{name} must be a whole number from {low} to {high:,}, got {value!r}")
+    if problems:
+        raise NvilaError("Invalid data settings: " + "; ".join(problems) + ".")
