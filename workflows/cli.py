@@ -195,6 +195,7 @@ class NvilaCLI(LightningCLI):
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True  # resuming never unpickles arbitrary objects
         _check_group_fits_frames(config)
+        _check_resume_file(config)
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
@@ -246,6 +247,27 @@ def _check_group_fits_frames(config: Any) -> None:
         raise NvilaError(f"model.temporal.group = {group} is larger than data.video_frames = {frames}: every "
                          f"video would pool into one partial group. Valid range: 1..{frames}; lower the group "
                          "or sample more frames.")
+
+
+def _check_resume_file(config: Any) -> None:
+    """Refuse a truncated or foreign ``--ckpt_path`` file in one line (torch's own error suggests unpickling it)."""
+    import zipfile
+
+    wanted = config.get("ckpt_path")
+    if not wanted:
+        return
+    if wanted == "last":
+        folder = (config.get("checkpoint") or {}).get("dirpath")
+        path = Path(folder) / "last.ckpt" if folder else None
+    else:
+        path = Path(wanted)
+    if path is None or not path.is_file():
+        return  # Lightning reports a missing checkpoint (and `last` with none yet) itself
+    if not zipfile.is_zipfile(path):
+        raise NvilaError(f"Cannot resume from '{path}': it is truncated or not a checkpoint written by nvila fit "
+                         f"(not a complete torch archive; {path.stat().st_size:,} bytes). The run that wrote it "
+                         "probably stopped while saving: resume from another .ckpt in that folder with "
+                         "--ckpt_path=FILE, or start again without --ckpt_path.")
 
 
 class _ParseOnly(NvilaCLI):

@@ -146,6 +146,12 @@ class DataHealth:
                 f"more than data.max_skip_fraction={self.max_fraction:.0%} ({counts}). The log names each one "
                 "(shard:key); fix or drop them, or raise data.max_skip_fraction to train on anyway.")
 
+    def summary(self) -> str:
+        """``data: 3 of 1,200 samples skipped (0.2%): bad_image: 2, too_long: 1``: the line a run ends with."""
+        counts = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
+        return (f"data: {self.total_skipped:,} of {self.samples:,} samples skipped ({self.fraction:.1%})"
+                + (f": {counts}; the log names each one" if counts else ""))
+
     def metrics(self) -> dict[str, float]:
         """Counts for the training logs: the total, the fraction and one entry per reason."""
         out = {"data/skipped": float(self.total_skipped), "data/skipped_fraction": self.fraction}
