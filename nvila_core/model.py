@@ -90,6 +90,9 @@ class ModelSpec:
 
     def validate(self, registry: Registry | None = None, prefix: str = "") -> None:
         """Check every slot's spec against its plugin's config; all problems reported at once."""
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise NvilaError(f"{prefix}max_length must be a whole number of tokens, at least 1; got "
+                             f"{self.max_length!r}.")
         validate_all({f"{prefix}{slot}": (kind, getattr(self, slot)) for slot, kind in self.slots().items()},
                      registry)
 
@@ -106,12 +109,12 @@ class NvilaModel(nn.Module):
         super().__init__()
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
         self.spec.validate(registry)
-        self.encoder = build("encoder", self.spec.encoder, registry)
-        self.compressor = build("compressor", self.spec.compressor, registry, in_channels=self.encoder.out_channels)
-        self.temporal = build("temporal", self.spec.temporal, registry)
+        self.encoder = _build("encoder", self.spec.encoder, registry)
+        self.compressor = _build("compressor", self.spec.compressor, registry, in_channels=self.encoder.out_channels)
+        self.temporal = _build("temporal", self.spec.temporal, registry)
         if not isinstance(self.temporal, TemporalCompressor):
             raise NvilaError(f"model.temporal: '{self.spec.temporal.get('name')}' is not a TemporalCompressor")
-        self.llm = build("llm", self.spec.llm, registry)
+        self.llm = _build("llm", self.spec.llm, registry)
         try:
             self.tokens_per_block, width = self.compressor.output_shape(self.encoder.block_size,
                                                                         self.encoder.out_channels)
@@ -119,8 +122,8 @@ class NvilaModel(nn.Module):
             raise NvilaError(f"model.compressor: compressor '{self.spec.compressor.get('name')}': {exc}") from None
         self._token_shape = (self.tokens_per_block, width)
         self._compressor_origin = _origin("compressor", self.spec.compressor, registry)
-        self.projector = build("projector", self.spec.projector, registry, in_dim=width,
-                               out_dim=self.llm.hidden_size)
+        self.projector = _build("projector", self.spec.projector, registry, in_dim=width,
+                                out_dim=self.llm.hidden_size)
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.load_tokenizer()
         missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in self.tokenizer.get_vocab()]
         if missing:
@@ -277,6 +280,20 @@ class NvilaModel(nn.Module):
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return self.encoder.fsdp_wrap_modules() | self.llm.fsdp_wrap_modules()
+
+
+def _build(slot: str, spec: dict[str, Any], registry: Registry | None, **kwargs: Any) -> Any:
+    """``build`` for a model slot, with a component's own failure to construct (a negative size, a width
+    too large to allocate) reported as one line naming the slot and the spec, not as a traceback."""
+    try:
+        return build(slot, spec, registry, **kwargs)
+    except NvilaError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, ZeroDivisionError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise NvilaError(f"model.{slot}: {slot} '{spec.get('name')}' cannot be built from {spec}: "
+                         f"{type(exc).__name__}: {detail}. Check its sizes (`nvila plugins --describe "
+                         f"{spec.get('name')}` lists its fields).") from None
 
 
 def _origin(kind: str, spec: dict[str, Any], registry: Registry | None) -> str:

@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class SampleTooLong(ValueError):
+class SampleTooLong(NvilaError, ValueError):
     """A sample with more tokens than ``max_length``: it is skipped, never truncated through its media."""
 
 

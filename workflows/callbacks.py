@@ -46,6 +46,11 @@ class DataHealthLogger(L.Callback):
         if health is not None:
             health.check(final=True)  # an epoch shorter than min_samples is judged too
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if health is not None and trainer.is_global_zero:
+            print(health.summary(), file=sys.stderr, flush=True)
+
 
 class TrainingThroughput(L.Callback):
     """Training samples per second, validation excluded, logged as ``train/samples_per_s`` and written to

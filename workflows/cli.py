@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ RECIPES = files("nvila.workflows") / "recipes"
 
 def recipe_path(name_or_path: str) -> str:
     """A recipe file path; a bare name like ``demo`` means a recipe shipped with nvila."""
+    if Path(name_or_path).is_dir():
+        raise NvilaError(f"--config '{name_or_path}' is a folder; give a recipe file (.yaml) or a shipped name.")
     if Path(name_or_path).exists():
         return name_or_path
     shipped = RECIPES.joinpath(*f"{name_or_path}.yaml".split("/"))
@@ -80,14 +83,91 @@ def refuse_import_paths(args: list[str]) -> list[str]:
             recipe = recipe_path(arg.split("=", 1)[1])
             arg = f"--config={recipe}"
         if recipe is not None:
-            found += [f"{recipe}: {p}" for p in _find_import_paths(yaml.safe_load(Path(recipe).read_text()))]
+            content = load_recipe_file(recipe)
+            found += [f"{recipe}: {p}" for p in _find_import_paths(content)]
+            check_sections(content, recipe)
         if any(key in arg for key in IMPORT_PATH_KEYS):
             found.append(arg)
+        elif arg.startswith("--") and not found:
+            _check_override_key(arg)
         out.append(arg)
     if found:
         raise NvilaError("Recipes and overrides may not name import paths (class_path, _target_, init_args): "
                          f"{'; '.join(found)}. Name a registered plugin instead (`nvila plugins` lists them).")
     return out
+
+
+def load_recipe_file(path: str) -> dict[str, Any]:
+    """A recipe file's content, read with YAML's safe loader; one clear line for anything else."""
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise NvilaError(f"Recipe '{path}' is not UTF-8 text.") from None
+    except OSError as exc:
+        raise NvilaError(f"Cannot read recipe '{path}': {exc.strerror or exc}.") from None
+    except yaml.constructor.ConstructorError as exc:
+        named = re.search(r"tag:yaml\.org,2002:([^'\s]+)|'(![^']+)'", exc.problem or "")
+        tag = f" ({'!!' + named.group(1) if named.group(1) else named.group(2)})" if named else ""
+        raise NvilaError(f"Recipe '{path}' uses a YAML tag{tag} at line {_line(exc)}: recipes are plain YAML "
+                         "(mappings, lists, numbers, strings); tags such as !!python/... are refused, nothing "
+                         "was executed.") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise NvilaError(f"Recipe '{path}' is not valid YAML: {problem} at line {_line(exc)}.") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise NvilaError(f"Recipe '{path}' holds a YAML {type(content).__name__}; a recipe is a mapping with "
+                         "model:, data: and trainer: sections.")
+    return content
+
+
+def _line(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return str(mark.line + 1) if mark is not None else "?"
+
+
+SECTIONS = ("model", "data", "trainer", "checkpoint")
+"""Recipe sections that hold a mapping of settings."""
+
+
+def _section_keys(section: str) -> list[str] | None:
+    import inspect
+
+    if section == "model":
+        return list(inspect.signature(build_module).parameters)
+    if section == "data":
+        return [p for p in inspect.signature(NvilaDataModule.__init__).parameters if p != "self"]
+    return None  # trainer and checkpoint: Lightning's own parser names its keys
+
+
+def check_sections(content: dict[str, Any], where: str) -> None:
+    """Refuse a scalar where a section's mapping belongs, and unknown model/data keys, with did-you-mean."""
+    from nvila.core.registry import did_you_mean
+
+    for section in SECTIONS:
+        value = content.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise NvilaError(f"{where}: '{section}:' must be a mapping of settings (key: value lines indented "
+                             f"under it), got the {type(value).__name__} {value!r}.")
+        known = _section_keys(section)
+        for key in (value or {}) if known is not None else ():
+            if key not in known:
+                raise NvilaError(f"{where}: unknown key '{section}.{key}'.{did_you_mean(str(key), known)} "
+                                 f"`nvila fit --help` lists the {section} settings.")
+
+
+def _check_override_key(arg: str) -> None:
+    """``--model.lrr=3`` -> did you mean 'lr'? (the Lightning parser only says "unrecognized arguments")."""
+    from nvila.core.registry import did_you_mean
+
+    dotted = arg[2:].split("=", 1)[0]
+    section, _, key = dotted.partition(".")
+    known = _section_keys(section) if section in SECTIONS else None
+    key = key.split(".", 1)[0]
+    if known is not None and key and key not in known:
+        raise NvilaError(f"unknown key '{section}.{key}' in {arg}.{did_you_mean(key, known)} "
+                         f"`nvila fit --help` lists the {section} settings.")
 
 
 class NvilaCLI(LightningCLI):
@@ -115,6 +195,7 @@ class NvilaCLI(LightningCLI):
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True  # resuming never unpickles arbitrary objects
         _check_group_fits_frames(config)
+        _check_resume_file(config)
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
@@ -166,6 +247,27 @@ def _check_group_fits_frames(config: Any) -> None:
         raise NvilaError(f"model.temporal.group = {group} is larger than data.video_frames = {frames}: every "
                          f"video would pool into one partial group. Valid range: 1..{frames}; lower the group "
                          "or sample more frames.")
+
+
+def _check_resume_file(config: Any) -> None:
+    """Refuse a truncated or foreign ``--ckpt_path`` file in one line (torch's own error suggests unpickling it)."""
+    import zipfile
+
+    wanted = config.get("ckpt_path")
+    if not wanted:
+        return
+    if wanted == "last":
+        folder = (config.get("checkpoint") or {}).get("dirpath")
+        path = Path(folder) / "last.ckpt" if folder else None
+    else:
+        path = Path(wanted)
+    if path is None or not path.is_file():
+        return  # Lightning reports a missing checkpoint (and `last` with none yet) itself
+    if not zipfile.is_zipfile(path):
+        raise NvilaError(f"Cannot resume from '{path}': it is truncated or not a checkpoint written by nvila fit "
+                         f"(not a complete torch archive; {path.stat().st_size:,} bytes). The run that wrote it "
+                         "probably stopped while saving: resume from another .ckpt in that folder with "
+                         "--ckpt_path=FILE, or start again without --ckpt_path.")
 
 
 class _ParseOnly(NvilaCLI):

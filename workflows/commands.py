@@ -105,13 +105,16 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--out", required=True, help="folder for the shards and convert-report.json")
     convert.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     convert.add_argument("--source", default=None, help="data set name for records without one (default: file stem)")
+    convert.add_argument("--allow-outside-media-root", action="store_true",
+                         help="read media paths leaving --media-root (../, absolute paths, links); refused otherwise")
 
 
 def _data(args: argparse.Namespace, rest: list[str]) -> None:
     if args.data_command == "convert":
         from nvila.core.data.convert import REPORT_FILE, convert_llava
 
-        report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source)
+        report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source,
+                               allow_outside_media_root=args.allow_outside_media_root)
         print(report.summary())
         print(f"report: {Path(args.out) / REPORT_FILE}")
         return
@@ -185,6 +188,8 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> None:
     shards = find_shards(args.shards)
     result = evaluate(load_model(args.ckpt), shards, args.batch_size, args.limit)
     print(f"accuracy: {result.accuracy:.4f} on {len(result.answers)} questions")
+    if result.skipped:
+        print(result.skip_summary())
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:

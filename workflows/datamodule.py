@@ -39,13 +39,18 @@ class NvilaDataModule(L.LightningDataModule):
         video_fps: frames per second of video to sample when ``video_frames`` is None.
         video_max_frames: cap on frames per video when sampling by fps.
         max_skip_fraction: stop training once more than this share of the samples seen had to be skipped.
+        max_image_pixels: images whose header claims more pixels are skipped undecoded (``image_too_large``);
+            None: ``$NVILA_MAX_IMAGE_PIXELS``, else 50,000,000.
     """
 
     def __init__(self, train: str = "nvila-demo/data/train", val: str | None = None, batch_size: int = 16,
                  num_workers: int = 1, shuffle_buffer: int = 1000, seed: int = 0, packing: bool = False,
                  pack_tokens: int = 4096, video_frames: int | None = 8, video_fps: float | None = None,
-                 video_max_frames: int = 256, max_skip_fraction: float = 0.05) -> None:
+                 video_max_frames: int = 256, max_skip_fraction: float = 0.05,
+                 max_image_pixels: int | None = None) -> None:
         super().__init__()
+        _check_sizes(batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                     pack_tokens=pack_tokens, max_image_pixels=max_image_pixels)
         self.save_hyperparameters()
         self.train_shards = find_shards(train)
         self.val_shards = find_shards(val) if val else None
@@ -80,8 +85,9 @@ class NvilaDataModule(L.LightningDataModule):
                         "%d shards (nvila data convert --shard-size) to train on every sample each epoch.",
                         len(self.train_shards), ranks, ranks)
         stream = EpochStream(self.train_shards, self._model.processor, self.hparams.shuffle_buffer,
-                             self.hparams.seed, self._batching(self.hparams.packing), self.video)
-        return ResumableLoader(stream, batch_size=None, collate_fn=as_formed,
+                             self.hparams.seed, self._batching(self.hparams.packing), self.video,
+                             max_pixels=self.hparams.max_image_pixels)
+        return ResumableLoader(stream, self.health, batch_size=None, collate_fn=as_formed,
                                num_workers=self._workers(self.train_shards))
 
     def val_dataloader(self) -> DataLoader | list:
@@ -96,7 +102,8 @@ class NvilaDataModule(L.LightningDataModule):
                      len(self.val_shards), self.trainer.world_size)
         # validation batches are padded: per-sample metrics (exact match) read rows as samples
         stream = EpochStream(self.val_shards, self._model.processor, batching=self._batching(False), video=self.video,
-                             split_by_rank=split)
+                             split_by_rank=split, skip_only_batches=False,
+                             max_pixels=self.hparams.max_image_pixels)
         return DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=workers,
                           persistent_workers=workers > 0)
 
@@ -118,3 +125,22 @@ class NvilaDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "health" in state_dict:
             self.health.load_state_dict(state_dict["health"])
+
+
+MAX_BATCH_SIZE = 1 << 16
+"""Samples (or packed rows) per batch and device beyond which a setting is surely a typo."""
+_LIMITS = {"batch_size": (1, MAX_BATCH_SIZE), "num_workers": (0, 1024), "shuffle_buffer": (0, 1 << 24),
+           "pack_tokens": (1, 1 << 24), "max_image_pixels": (1, 1 << 40)}
+
+
+def _check_sizes(**values: int | None) -> None:
+    """Refuse counts outside their meaning (a negative batch, -1 workers, a batch no memory could hold)."""
+    problems = []
+    for name, value in values.items():
+        low, high = _LIMITS[name]
+        if value is None and name == "max_image_pixels":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"data.{name} must be a whole number from {low} to {high:,}, got {value!r}")
+    if problems:
+        raise NvilaError("Invalid data settings: " + "; ".join(problems) + ".")

@@ -93,14 +93,12 @@ def with_placeholders(prompt: str, images: int, videos: int) -> str:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path`` as RGB; its header is held to the pixel limit before it is decoded."""
+    from nvila.core.media import open_image
 
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise NvilaError(f"Cannot read image '{path}': {exc}") from None
-    return image.convert("RGB")
+    if not Path(path).is_file():
+        raise NvilaError(f"Cannot read image '{path}': no such file")
+    return open_image(path, name=f"--image '{path}'").convert("RGB")
 
 
 def read_video(path: str | Path, frames: int) -> list[Image.Image]:

@@ -48,6 +48,22 @@ class TrainingSettings:
         "doc": f"training objective: {', '.join(OBJECTIVES)} (see nvila.workflows.objectives)"})
     loss_chunk_size: int = field(default=1024, metadata={"doc": "positions per chunk for the chunked loss"})
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"model.lr must be a positive learning rate, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            problems.append(f"model.weight_decay must be 0 or more, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            problems.append(f"model.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.loss_chunk_size < 1:
+            problems.append(f"model.loss_chunk_size must be at least 1, got {self.loss_chunk_size}")
+        bad = {k: v for k, v in (self.lr_multipliers or {}).items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            problems.append(f"model.lr_multipliers must be 0 or more, got {bad}")
+        if problems:
+            raise NvilaError("Invalid training settings: " + "; ".join(problems) + ".")
+
 
 class NvilaModule(L.LightningModule):
     """Trains an NVILA model: a :class:`ModelSpec` (what the model is) plus :class:`TrainingSettings` (how)."""

@@ -275,11 +275,15 @@ def collect(run: Run, eval_limit: int, batch_size: int = 16) -> None:
 def _tokens_and_prefill(model: Any, shards: list[str], repeats: int = 5) -> tuple[float, float]:
     """Visual tokens per image of the first held-out sample, and the median time (ms) to the first token's
     logits for its prompt (the benchmarks' one prefill: encoder, compressor, projector, language model), batch 1."""
-    from nvila.core.data.shards import read_records
+    from nvila.core.data.shards import Decoded, SampleDecoder, decoded_stream
     from nvila.workflows.bench.prefill import prompt_batch, time_prefill
 
-    record, images = next(read_records(shards))
-    batch = prompt_batch(model, record["conversations"][:-1], images)
+    first = next((d for d in decoded_stream(shards, SampleDecoder(model.processor).decode, split_by_rank=False)
+                  if isinstance(d, Decoded)), None)
+    if first is None:
+        raise NvilaError(f"no usable held-out sample in {shards[0]}...: the log names each skipped one")
+    images = first.images
+    batch = prompt_batch(model, first.conversations[:-1], images)
     tokens = int((batch["input_ids"] == model.image_token_id).sum()) / max(len(images), 1)
     return tokens, time_prefill(model, batch, repeats=repeats, warmup=1).median * 1000
 
@@ -287,15 +291,15 @@ def _tokens_and_prefill(model: Any, shards: list[str], repeats: int = 5) -> tupl
 @torch.no_grad()
 def validation_loss(model: Any, shards: list[str], batch_size: int = 16, limit: int | None = None) -> float:
     """Mean answer-token loss over held-out samples (each sample weighted by its supervised tokens)."""
-    from nvila.core.data.shards import read_records
-    from nvila.core.processor import IGNORE_INDEX, collate
+    from nvila.core.data.shards import SampleDecoder, decoded_stream
+    from nvila.core.processor import IGNORE_INDEX, Encoded, collate
 
-    model.eval()
-    records = itertools.islice(read_records(shards), limit)
+    model.eval()  # held-out samples pass the training pipeline's decoder: the same skips, logged and left out
+    stream = decoded_stream(shards, SampleDecoder(model.processor), split_by_rank=False)
+    records = itertools.islice((e for e in stream if isinstance(e, Encoded)), limit)
     total, count = 0.0, 0
     while chunk := list(itertools.islice(records, batch_size)):
-        batch = collate([model.processor.encode(r["conversations"], images) for r, images in chunk],
-                        model.tokenizer.pad_token_id)
+        batch = collate(chunk, model.tokenizer.pad_token_id)
         supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch)["loss"]) * supervised
         count += supervised

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
 from nvila.core.data.shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VIDEO_TOKEN
 from nvila.core.errors import NvilaError
+from nvila.core.media import ImageRefused, max_image_pixels, open_header
 from nvila.core.processor import IMAGE_TOKEN, NvilaProcessor
 
 REPORT_FILE = "convert-report.json"
@@ -27,6 +27,10 @@ CONVERT_REASONS = {
     "missing_media": "a media file named by the record does not exist under --media-root",
     "unsupported_media": "a media file whose extension is neither an image nor a video format we read",
     "unreadable_image": "an image file PIL cannot identify",
+    "image_too_large": "an image whose header claims more pixels than the limit (NVILA_MAX_IMAGE_PIXELS)",
+    "outside_media_root": "a media path that leaves --media-root (../, absolute, or a link out); "
+                          "--allow-outside-media-root reads it",
+    "unreadable_line": "a JSONL line that is not valid UTF-8 JSON",
     "placeholder_without_media": "more <image>/<video> placeholders than media files",
     "media_without_placeholder": "more media files than <image>/<video> placeholders",
 }
@@ -58,24 +62,43 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def read_llava(path: Path) -> list:
-    """Records of a LLaVA JSON array or JSON-lines file."""
-    text = path.read_text()
+def read_llava(path: Path) -> list[tuple[str, object]]:
+    """``(where, record)`` for each record of a LLaVA JSON array or JSON-lines file. ``where`` names the record
+    by its line (JSONL: ``line 7``) or position (JSON: ``record 7``); a JSONL line that cannot be parsed comes
+    back as its ``ValueError``, so that one bad line costs one record."""
+    data = path.read_bytes()
+    if path.suffix == ".jsonl":
+        out: list[tuple[str, object]] = []
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"line {number}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as exc:
+                out.append((f"line {number}", ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})")))
+            except json.JSONDecodeError as exc:
+                out.append((f"line {number}", ValueError(f"not valid JSON: {exc.msg} at column {exc.colno}")))
+        return out
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise NvilaError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
-        raise NvilaError(f"'{path}' is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {exc}") from None
+        raise NvilaError(f"'{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
+                         "(A .jsonl file, one record per line, is converted line by line.)") from None
     if not isinstance(records, list):
         raise NvilaError(f"'{path}' holds a JSON {type(records).__name__}; LLaVA data is a list of records.")
-    return records
+    return [(f"record {i}", r) for i, r in enumerate(records)]
 
 
-def _paths(value) -> list[str]:
+def _paths(value: object, kind: str) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ValueError(f"'{kind}' must be a path or a list of paths, got {json.dumps(value)[:80]}")
 
 
 def _key(index: int, record_id: str) -> str:
@@ -84,8 +107,13 @@ def _key(index: int, record_id: str) -> str:
 
 
 def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Path, shard_size: int = 1000,
-                  source: str | None = None) -> ConvertReport:
-    """Write the records of ``llava_json`` as shards under ``out``; returns (and saves) the report."""
+                  source: str | None = None, allow_outside_media_root: bool = False,
+                  max_pixels: int | None = None) -> ConvertReport:
+    """Write the records of ``llava_json`` as shards under ``out``; returns (and saves) the report.
+
+    Media paths must stay inside ``media_root`` unless ``allow_outside_media_root``; image headers are held to
+    the pixel limit (:mod:`nvila.core.media`). A bad record is counted, named by its line, and left out.
+    """
     llava_json, media_root, out = Path(llava_json), Path(media_root), Path(out)
     if not llava_json.is_file():
         raise NvilaError(f"--llava-json '{llava_json}' is not a file.")
@@ -93,13 +121,18 @@ def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Pat
         raise NvilaError(f"--media-root '{media_root}' is not a directory.")
     if shard_size < 1:
         raise NvilaError(f"--shard-size must be at least 1, got {shard_size}.")
+    limit = max_image_pixels(max_pixels)
     records = read_llava(llava_json)
     out.mkdir(parents=True, exist_ok=True)
     report = ConvertReport()
     default_source = source or llava_json.stem
+    context = _Context(media_root, media_root.resolve(), default_source, allow_outside_media_root, limit, report)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for index, record in enumerate(records):
-            sample = _sample(index, record, media_root, default_source, report)
+        for index, (where, record) in enumerate(records):
+            if isinstance(record, ValueError):
+                report.skip("unreadable_line", where, str(record))
+                continue
+            sample = _sample(index, where, record, context)
             if sample is not None:
                 sink.write(sample)
                 report.written += 1
@@ -108,21 +141,38 @@ def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Pat
     return report
 
 
-def _sample(index: int, record, media_root: Path, source: str, report: ConvertReport) -> dict | None:
-    record_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+@dataclass
+class _Context:
+    media_root: Path
+    resolved_root: Path
+    source: str
+    allow_outside: bool
+    max_pixels: int
+    report: ConvertReport
+
+
+def _sample(index: int, where: str, record: object, context: _Context) -> dict | None:
+    report, media_root = context.report, context.media_root
+    record_id = f"{record['id']} ({where})" if isinstance(record, dict) and "id" in record else where
     try:
+        if not isinstance(record, dict):
+            raise TypeError(f"a record is a JSON object, got {type(record).__name__}")
         conversations = record["conversations"]
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("'conversations' is not a non-empty list")
         NvilaProcessor.messages(conversations)
+        names = {kind: _paths(record.get(kind), kind) for kind in ("image", "video")}
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         report.skip("malformed_record", record_id, f"{type(exc).__name__}: {exc}")
         return None
     text = "".join(str(t.get("value", t.get("content", ""))) for t in conversations)
     media: dict[str, list[Path]] = {"image": [], "video": []}
     for kind in media:
-        for name in _paths(record.get(kind)):
+        for name in names[kind]:
             path = media_root / name
+            if not context.allow_outside and not path.resolve().is_relative_to(context.resolved_root):
+                report.skip("outside_media_root", record_id, f"{name!r} leads to {path.resolve()}")
+                return None
             ext = path.suffix.lower().lstrip(".")
             if not path.is_file():
                 report.skip("missing_media", record_id, str(path))
@@ -139,15 +189,14 @@ def _sample(index: int, record, media_root: Path, source: str, report: ConvertRe
             return None
     for path in media["image"]:
         try:
-            with Image.open(path):  # reads the header only
-                pass
-        except (UnidentifiedImageError, OSError) as exc:
-            report.skip("unreadable_image", record_id, f"{path}: {exc}")
+            open_header(path, context.max_pixels).close()  # the header only: nothing is decoded
+        except ImageRefused as exc:
+            report.skip("image_too_large" if exc.reason == "too_large" else "unreadable_image", record_id, str(exc))
             return None
     kept = {k: v for k, v in record.items() if k not in ("image", "video")}
-    kept.setdefault("id", record_id)
-    kept.setdefault("source", source)
-    sample = {"__key__": _key(index, record_id), "json": json.dumps(kept).encode()}
+    kept.setdefault("id", str(record.get("id", index)))
+    kept.setdefault("source", context.source)
+    sample = {"__key__": _key(index, str(kept["id"])), "json": json.dumps(kept).encode()}
     for kind in ("image", "video"):
         paths = media[kind]
         for i, path in enumerate(paths):

@@ -205,5 +205,11 @@ class Batching:
         if held is not None:
             held["skipped"] = held["skipped"] + skipped
             yield held
-        elif skipped:
+        elif skipped:  # no usable sample: the skip records still travel, so that the run can count them and stop
             log.warning("%d skipped sample(s) and no usable one in this worker's share of the shards", len(skipped))
+            yield {"skipped": list(skipped), "num_samples": 0}
+
+
+def skips_only(batch: Any) -> bool:
+    """A batch that carries skip records and no sample (a worker whose whole share was skipped)."""
+    return isinstance(batch, dict) and batch.get("num_samples") == 0 and "input_ids" not in batch

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import io
 import json
 import logging
 import re
@@ -26,10 +25,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from nvila.core.data.packing import Batching
-from nvila.core.data.skips import ShardErrors, Skipped
+from nvila.core.data.packing import Batching, skips_only
+from nvila.core.data.skips import DataHealth, ShardErrors, Skipped
 from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
 from nvila.core.errors import NvilaError
+from nvila.core.media import ImageRefused, max_image_pixels, open_images
 from nvila.core.processor import IMAGE_TOKEN, Encoded, NvilaProcessor, SampleTooLong
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,40 @@ def _placeholders(conversations: list[dict], token: str) -> int:
     return sum(str(turn.get("value", turn.get("content", ""))).count(token) for turn in conversations)
 
 
+@dataclasses.dataclass
+class Decoded:
+    """A raw sample's parts, checked and decoded, before tokenization (what evaluation asks questions from)."""
+
+    record: dict[str, Any]
+    """The whole ``.json`` record (``conversations``, and ``qtype``, ``source``... when present)."""
+    images: list[Image.Image]
+    videos: list[list[Image.Image]]
+    where: str
+    """``shard:key``."""
+
+    @property
+    def conversations(self) -> list[dict]:
+        return self.record["conversations"]
+
+
 class SampleDecoder:
     """Raw webdataset sample -> its conversation, images and video frames -> ``Encoded``, or ``Skipped``.
 
     Picklable; runs in the DataLoader workers, so image and video decoding and the encoder's preprocessing
     happen there. Videos are handed to the processor as ``videos=[frames, ...]`` when its ``encode`` takes
-    that argument; otherwise samples with videos are skipped as ``video_unsupported``.
+    that argument; otherwise samples with videos are skipped as ``video_unsupported``. Every image header is
+    held to the pixel limit (``max_pixels``, see :mod:`nvila.core.media`) before any image is decoded.
+    :meth:`decode` stops before tokenization: evaluation reads samples through it, with the same skips.
     """
 
-    def __init__(self, processor: NvilaProcessor, video: VideoSampling | None = None) -> None:
+    def __init__(self, processor: NvilaProcessor, video: VideoSampling | None = None,
+                 max_pixels: int | None = None) -> None:
         self.processor, self.video = processor, video or VideoSampling()
+        self.max_pixels = max_image_pixels(max_pixels)
         self.accepts_videos = "videos" in inspect.signature(processor.encode).parameters
 
-    def __call__(self, sample: dict[str, Any]) -> Encoded | Skipped:
+    def decode(self, sample: dict[str, Any]) -> Decoded | Skipped:
+        """The sample's record, images and video frames, or the reason it cannot be used."""
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
         def skip(reason: str, detail: str) -> Skipped:
@@ -111,25 +132,34 @@ class SampleDecoder:
                 return skip("media_without_placeholder", f"{len(keys)} {kind}(s) ({', '.join(keys)}), "
                             f"{wanted} {token} placeholder(s)")
         try:
-            images = [Image.open(io.BytesIO(sample[k])) for k in image_keys]
-            for image in images:
-                image.load()
-        except Exception as exc:
-            return skip("bad_image", f"{type(exc).__name__}: {exc}")
+            images = open_images([sample[k] for k in image_keys], self.max_pixels, names=image_keys)
+        except ImageRefused as exc:
+            return skip("image_too_large" if exc.reason == "too_large" else "bad_image", str(exc))
         try:
             videos = [decode_video(sample[k], self.video) for k in video_keys]
         except VideoDecodeError as exc:
             return skip("bad_video", str(exc))
+        return Decoded(record, images, videos, where)
+
+    def __call__(self, sample: dict[str, Any]) -> Encoded | Skipped:
+        decoded = self.decode(sample)
+        if isinstance(decoded, Skipped):
+            return decoded
+
+        def skip(reason: str, detail: str) -> Skipped:
+            return Skipped(reason, decoded.where, detail).log()
+
+        videos = decoded.videos
         if videos and not self.accepts_videos:  # after decoding, so that a corrupt clip is named as such
             return skip("video_unsupported", "video not supported by this model's processor")
         try:
-            extra = {"videos": videos} if video_keys else {}
-            encoded = self.processor.encode(conversations, images, **extra)
+            extra = {"videos": videos} if videos else {}
+            encoded = self.processor.encode(decoded.conversations, decoded.images, **extra)
         except SampleTooLong as exc:
             return skip("too_long", str(exc))
         except Exception as exc:
             return skip("encode_error", f"{type(exc).__name__}: {exc}")
-        return dataclasses.replace(encoded, key=where)
+        return dataclasses.replace(encoded, key=decoded.where)
 
 
 def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
@@ -179,21 +209,23 @@ class EpochStream(IterableDataset):
 
     With ``batching`` it yields batches formed in each DataLoader worker (load it with ``batch_size=None``),
     each carrying the skip records met while forming it (``batch["skipped"]``): that is how counts from the
-    worker processes reach the main process. Without, it yields the usable ``Encoded`` samples.
+    worker processes reach the main process; a worker whose whole share was skipped yields one batch of skip
+    records alone (``skip_only_batches=False`` leaves it out). Without, it yields the usable ``Encoded`` samples.
     """
 
     def __init__(self, shards: list[str], processor: NvilaProcessor, shuffle: int = 0, seed: int = 0,
                  batching: Batching | None = None, video: VideoSampling | None = None,
-                 split_by_rank: bool = True) -> None:
+                 split_by_rank: bool = True, skip_only_batches: bool = True, max_pixels: int | None = None) -> None:
         self.shards, self.processor, self.shuffle, self.seed = shards, processor, shuffle, seed
+        self.skip_only_batches, self.max_pixels = skip_only_batches, max_pixels
         self.batching, self.video, self.split_by_rank = batching, video, split_by_rank
         self.epoch = 0
 
     def __iter__(self) -> Iterator[Encoded] | Iterator[dict[str, Any]]:
-        items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video), self.shuffle,
+        items = decoded_stream(self.shards, SampleDecoder(self.processor, self.video, self.max_pixels), self.shuffle,
                                self.seed + self.epoch, self.split_by_rank)
         if self.batching is not None:
-            yield from self.batching(items)
+            yield from (b for b in self.batching(items) if self.skip_only_batches or not skips_only(b))
         else:
             yield from (item for item in items if isinstance(item, Encoded))
 
@@ -229,6 +261,26 @@ def while_every_rank_has_one(batches: Iterator[Any]) -> Iterator[Any]:
         yield batch
 
 
+class NoProgress(NvilaError):
+    """A training epoch that formed no batch at all: every sample was skipped, or there were none."""
+
+    def __init__(self, epoch: int, health: DataHealth | None) -> None:
+        if health is None or not health.total_skipped:
+            message = (f"Stopping: training epoch {epoch} formed no batch: data.train holds no sample this rank "
+                       "could read. Check the shards (nvila data convert writes a report of what it left out).")
+        else:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in health.skipped.most_common())
+            message = (f"Stopping: training epoch {epoch} formed no batch: every sample was skipped ({counts}); "
+                       "nothing was trained and no checkpoint is exported.")
+            if health.skipped.most_common(1)[0][0] == "too_long":
+                message += (" Each sample is longer than model.max_length (or data.pack_tokens): raise "
+                            "model.max_length, or lower the encoder's tiles.")
+            else:
+                message += (" The log names each skipped sample (shard:key); fix the shards or point data.train "
+                            "elsewhere.")
+        super().__init__(message)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over an :class:`EpochStream` that Lightning can checkpoint and resume mid-epoch.
 
@@ -241,23 +293,37 @@ class ResumableLoader(DataLoader):
     PREFETCHED = 1
     """Batches Lightning's data fetcher draws ahead of the one being trained on."""
 
-    def __init__(self, dataset: EpochStream, **kwargs: Any) -> None:
+    def __init__(self, dataset: EpochStream, health: DataHealth | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
+        self.health = health
         self.epoch, self._yielded, self._skip = 0, 0, 0
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch  # copied into the workers when they start
-        batches = while_every_rank_has_one(super().__iter__())
-        self._yielded = 0
+        self._counted = False
+        batches = while_every_rank_has_one(self._counting(super().__iter__()))
+        self._yielded = replayed = 0
         for _ in range(self._skip):
             if next(batches, None) is None:
                 break
             self._yielded += 1
-        self._skip = 0
+            replayed += 1
+        self._skip, self._counted = 0, True
         for batch in batches:
             self._yielded += 1
             yield batch
+        if self._yielded == 0 and replayed == 0:
+            raise NoProgress(self.epoch, self.health)
         self.epoch, self._yielded = self.epoch + 1, 0  # between epochs: the next one starts from its beginning
+
+    def _counting(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches`` without the skip-only ones, whose records go straight to ``health`` (not while replaying:
+        a resumed run's counts come from its checkpoint)."""
+        for batch in batches:
+            if not skips_only(batch):
+                yield batch
+            elif self.health is not None and self._counted:
+                self.health.update(0, batch["skipped"])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches": max(self._yielded - self.PREFETCHED, 0)}
@@ -266,10 +332,18 @@ class ResumableLoader(DataLoader):
         self.epoch, self._skip = state["epoch"], state["batches"]
 
 
-def read_records(shards: list[str] | list[Path]) -> Iterator[tuple[dict, list[Image.Image]]]:
-    """(conversation record, images) of every sample, in shard order, for evaluation and inspection."""
+def read_records(shards: list[str] | list[Path], max_pixels: int | None = None,
+                 ) -> Iterator[tuple[dict, list[Image.Image]]]:
+    """(conversation record, images) of every readable sample, in shard order, for inspection; samples with an
+    unreadable record or image (or one past the pixel limit) are logged and left out. Evaluation reads through
+    :meth:`SampleDecoder.decode` instead, which checks a sample as training does."""
     urls = [str(s) for s in shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=_log_and_skip):
-        record = json.loads(sample["json"])
-        images = [Image.open(io.BytesIO(sample[k])).convert("RGB") for k in media_keys(sample, IMAGE_EXTENSIONS)]
+        keys = media_keys(sample, IMAGE_EXTENSIONS)
+        try:
+            record = json.loads(sample["json"])
+            images = [i.convert("RGB") for i in open_images([sample[k] for k in keys], max_pixels, names=keys)]
+        except (KeyError, ValueError, NvilaError) as exc:
+            log.warning("skipped %s:%s: %s", sample.get("__url__"), sample.get("__key__"), exc)
+            continue
         yield record, images

@@ -24,6 +24,7 @@ REASONS: dict[str, str] = {
     "malformed_json": "the .json is not valid JSON or holds no conversation (LLaVA turns)",
     "missing_json": "a sample with media files but no .json conversation",
     "bad_image": "an image PIL cannot decode",
+    "image_too_large": "an image whose header claims more pixels than the limit (not decoded)",
     "bad_video": "a video PyAV cannot decode (corrupt or truncated)",
     "placeholder_without_media": "more <image>/<video> placeholders than media files",
     "media_without_placeholder": "more media files than <image>/<video> placeholders",
@@ -144,6 +145,12 @@ class DataHealth:
                 f"Stopping: {self.total_skipped} of {self.samples} samples ({self.fraction:.1%}) could not be used, "
                 f"more than data.max_skip_fraction={self.max_fraction:.0%} ({counts}). The log names each one "
                 "(shard:key); fix or drop them, or raise data.max_skip_fraction to train on anyway.")
+
+    def summary(self) -> str:
+        """``data: 3 of 1,200 samples skipped (0.2%): bad_image: 2, too_long: 1``: the line a run ends with."""
+        counts = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
+        return (f"data: {self.total_skipped:,} of {self.samples:,} samples skipped ({self.fraction:.1%})"
+                + (f": {counts}; the log names each one" if counts else ""))
 
     def metrics(self) -> dict[str, float]:
         """Counts for the training logs: the total, the fraction and one entry per reason."""

@@ -69,4 +69,4 @@ def test_an_undecodable_sample_is_skipped_named_and_the_rest_are_read(tmp_path, 
     processor = NvilaModel(tiny_spec, registry).processor
     samples = list(sample_stream([str(shard)], processor))
     assert len(samples) == 1
-    assert "bad.tar:a: UnidentifiedImageError" in caplog.text
+    assert "bad.tar:a: png cannot be read as an image: UnidentifiedImageError" in caplog.text
