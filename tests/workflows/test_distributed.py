@@ -57,6 +57,7 @@ def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, t
                            "--trainer.val_check_interval=4")
 
 
+@pytest.mark.slow  # a second two-process run; the default suite keeps test_ddp_trains_with_two_processes_on_the_cpu
 def test_ddp_ranks_with_uneven_shares_end_each_epoch_together(tmp_path, tiny_overrides):
     data = tmp_path / "data"
     write_split(data / "train", 36, seed=9, image_size=32, shard_size=12)  # 3 shards: 24 samples and 12

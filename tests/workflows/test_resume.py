@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,6 +64,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, 
         assert (expected[key] == actual[key]).all(), f"{key} differs after resuming"
 
 
+@pytest.mark.slow  # two gloo processes, killed and resumed: ~1-2 min; CI runs the slow tests after the default ones
 def test_ddp_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_overrides):
     """Two gloo ranks with uneven shares (3 shards and 2), killed together as a crash would take them."""
     data = tmp_path / "data"
