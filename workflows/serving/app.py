@@ -63,6 +63,7 @@ class Subscription:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.queue = loop, asyncio.Queue()
         self._get: asyncio.Future | None = None
+        self._checked = time.perf_counter()
 
     def __call__(self, delivery: Delivery) -> None:  # in the decoding thread
         with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is stopping
@@ -73,15 +74,18 @@ class Subscription:
         if self._get is None:
             self._get = asyncio.ensure_future(self.queue.get())
         while True:
-            remaining = deadline - time.perf_counter()
+            now = time.perf_counter()
+            if request is not None and now - self._checked >= POLL_S:  # every POLL_S, even while tokens flow
+                self._checked = now
+                if await request.is_disconnected():
+                    raise Disconnected
+            remaining = deadline - now
             if remaining <= 0:
                 raise Timeout
             done, _ = await asyncio.wait({self._get}, timeout=min(POLL_S, remaining))
             if done:
                 delivery, self._get = self._get.result(), None
                 return delivery
-            if request is not None and await request.is_disconnected():
-                raise Disconnected
 
     def close(self) -> None:
         if self._get is not None:
