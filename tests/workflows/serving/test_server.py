@@ -238,3 +238,84 @@ def test_a_non_streaming_client_that_disconnects_frees_its_place(slow_server):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/chat/completions", json=body(1500), timeout=0.5)
         assert wait_for(lambda: scheduler.idle, 5)
+
+
+# -- remote media, and the command itself ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A plain HTTP server on 127.0.0.1 serving ``tmp_path``."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_media_urls_are_fetched_only_when_allowed(varied_model, file_server, client):
+    root, base = file_server
+    (root / "red.png").write_bytes(png(picture(4)))
+    app = create_app(varied_model, ServeSettings(model_name=MODEL, media=MediaLimits(allow_remote=True)))
+    question = {"type": "text", "text": "What is it?"}
+    with running(app) as url:
+        remote = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        fetched = remote.chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{base}/red.png"}}, question]}])
+        missing = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{base}/none.png"}}]}]})
+    inline = client.chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
+        image_part(png(picture(4))), question]}])
+    assert fetched.choices[0].message.content == inline.choices[0].message.content
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "media_fetch_failed"
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_path, varied_model):
+    import subprocess
+    import sys
+
+    from nvila.core.checkpoint import save_checkpoint
+
+    save_checkpoint(varied_model, tmp_path / "demo-ckpt")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "nvila.workflows", "serve", "--ckpt", str(tmp_path / "demo-ckpt"),
+                                "--port", str(port), "--max-batch", "4"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(base + "/health").status_code == 200
+            except httpx.TransportError:
+                return process.poll() is not None  # it died: stop waiting, the asserts below say why
+
+        assert wait_for(up, 180) and process.poll() is None
+        remote = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in remote.models.list().data] == ["demo-ckpt"]
+        answer = remote.chat.completions.create(model="demo-ckpt", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=7)
+        streamed = "".join(c.choices[0].delta.content or "" for c in remote.chat.completions.create(
+            model="demo-ckpt", messages=[{"role": "user", "content": "hi"}], max_tokens=7, stream=True))
+        refused = httpx.post(base + "/v1/chat/completions", json={"model": "demo-ckpt", "messages": []})
+    finally:
+        process.terminate()
+        _, log = process.communicate(timeout=60)
+    assert answer.choices[0].message.content == streamed == reference(varied_model, "hi", 7).text
+    assert refused.status_code == 400
+    assert f"{answer.id} status=200 stream=no prompt={answer.usage.prompt_tokens} visual=0 completion=7" in log
+    assert "stream=yes" in log and "status=400" in log and "ttft_ms=" in log
