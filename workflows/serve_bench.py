@@ -7,7 +7,7 @@ server that batches up to ``max(clients)`` sequences (continuous batching) and a
 request at a time (``max_batch=1``), so the two rows of a client count differ only in batching, and their answers
 must be identical (greedy decoding)::
 
-    python -m nvila.workflows.serve_bench --model demo --clients 1 4 8 16
+    python -m nvila.workflows.serve_bench --model demo mid --clients 1 4 8 16
     python -m nvila.workflows.serve_bench --ckpt path/to/checkpoint
 
 Rows are plain :class:`ServeBenchRow` dataclasses; :func:`markdown` writes them as a table.
@@ -136,7 +136,7 @@ def measure(model: Any, name: str = "model", clients: Sequence[int] = (1, 4, 8, 
     """Serve ``model`` once per mode and drive it with each client count; the rows, and whether every request got
     the same answer under every mode.
 
-    ``requests`` per client count defaults to ``max(8, 2 * clients)`` (rounded up to a multiple of ``clients``).
+    ``requests`` per client count defaults to ``max(8, clients)`` (rounded up to a multiple of ``clients``).
     """
     import contextlib
 
@@ -156,7 +156,7 @@ def measure(model: Any, name: str = "model", clients: Sequence[int] = (1, 4, 8, 
             urls[mode] = servers.enter_context(running(create_app(model, settings)))
             _drive(urls[mode], name, 1, 2, max_tokens)  # warm up: first calls allocate and pick kernels
         for n in clients:
-            per_client = -(-(requests or max(8, 2 * n)) // n)
+            per_client = -(-(requests or max(8, n)) // n)
             for mode in modes:
                 seconds, records = _drive(urls[mode], name, n, per_client, max_tokens)
                 latencies, ttfts = [r["latency_ms"] for r in records], [r["ttft_ms"] for r in records]
@@ -189,13 +189,13 @@ def markdown(rows: Sequence[ServeBenchRow]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nvila.workflows.serve_bench", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", choices=["demo", "mid"], action="append",
-                       help="random-initialised model(s) to serve: the demo recipe's, or its mid-size variant")
+    which.add_argument("--model", choices=["demo", "mid"], nargs="+", default=["demo"],
+                       help="random-initialised model(s) to serve: the demo recipe's, and/or its mid-size variant")
     which.add_argument("--ckpt", help="serve this checkpoint instead")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per client count (default: max(8, 2 x clients))")
+                        help="requests per client count (default: max(8, clients))")
     args = parser.parse_args(argv)
     import logging
 
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         models = [(Path(args.ckpt).name, load_checkpoint(args.ckpt))]
     else:
-        models = [(name, build_model(name)) for name in args.model or ["demo"]]
+        models = [(name, build_model(name)) for name in args.model]
     all_rows = []
     for name, model in models:
         rows, same = measure(model, name, args.clients, args.max_tokens, args.requests)
