@@ -25,7 +25,8 @@ HELP = """Type a message and press Enter. Commands:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``nvila chat`` options."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint directory: nvila's (spec.yaml, model.safetensors) or a released NVILA one")
     parser.add_argument("--system", default=None, help="a system message that opens the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) answers greedily")
@@ -118,15 +119,15 @@ class Chat:
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     """``nvila chat`` from parsed arguments: read lines from ``stdin`` until /quit or end of input."""
-    from nvila.core.checkpoint import load_checkpoint
     from nvila.core.engine import DecodingConfig, Engine
+    from nvila.workflows.pretrained import load_model
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     config = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     if args.frames < 1:
         raise NvilaError(f"--frames must be at least 1, got {args.frames}")
-    chat = Chat(Engine(load_checkpoint(args.ckpt)), config, args.frames, args.system, out)
+    chat = Chat(Engine(load_model(args.ckpt)), config, args.frames, args.system, out)
     interactive = stdin.isatty()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()

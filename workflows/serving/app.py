@@ -357,11 +357,11 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, settings:
     """Load a checkpoint and serve it until interrupted (``nvila serve``)."""
     import uvicorn
 
-    from nvila.core.checkpoint import load_checkpoint
+    from nvila.workflows.pretrained import load_model
 
     settings = settings or ServeSettings(model_name=Path(ckpt).resolve().name)
     _log_to_stderr()
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt)  # nvila's layout or a released NVILA checkpoint, full precision or quantized
     uvicorn.run(create_app(model, settings), host=host, port=port, access_log=False, log_level="info")
 
 

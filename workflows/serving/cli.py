@@ -13,7 +13,8 @@ _SERVE, _MEDIA = ServeSettings(), MediaLimits()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``nvila serve`` options."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (spec.yaml, model.safetensors)")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint directory: nvila's (spec.yaml, model.safetensors) or a released NVILA one")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: this machine only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
-import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
+from nvila.core.media import ImageRefused, open_header
 from nvila.workflows.serving.protocol import (
     ROLES,
     APIError,
@@ -34,6 +33,7 @@ IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp",
                  "BMP": "image/bmp"}
 """Image formats accepted, by Pillow's name for them (read from the bytes)."""
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime")
+_NO_LIMIT = 2**62  # open_header's own limit is not this server's: it checks max_pixels itself, with its message
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
@@ -149,30 +149,28 @@ def _payload(url: str, limits: MediaLimits, param: str, fetched: dict[str, bytes
 
 
 def read_image(data: bytes, limits: MediaLimits, param: str) -> Image.Image:
-    """Decoded image bytes; the format and the pixel size are checked from the header before decoding."""
+    """Decoded image bytes: the format is read from the first bytes and the pixel size from the header (through
+    ``nvila.core.media``, which also handles Pillow's own bomb checks) before anything is decoded."""
+    kind = _sniff(data)
+    if kind not in IMAGE_FORMATS.values():
+        raise APIError(400, f"Unsupported media type {kind or '(not recognised)'}: send an image as "
+                            f"{', '.join(sorted(IMAGE_FORMATS.values()))}.", param=param,
+                       code="unsupported_media_type" if kind else "invalid_image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise APIError(400, f"The image is too large: {exc}", param=param, code="image_too_large") from None
-    except UnidentifiedImageError as exc:
-        kind = _sniff(data)
-        if kind:
-            raise APIError(400, f"Unsupported media type {kind}: send an image as "
-                                f"{', '.join(sorted(IMAGE_FORMATS.values()))}.", param=param,
-                           code="unsupported_media_type") from None
-        raise APIError(400, f"Cannot read the image: {exc}", param=param, code="invalid_image") from None
-    except OSError as exc:
-        raise APIError(400, f"Cannot read the image: {exc}", param=param, code="invalid_image") from None
+        image = open_header(data, _NO_LIMIT, name="the image")  # this server's limit and message below
+    except ImageRefused as exc:
+        raise APIError(400, str(exc), param=param,
+                       code="image_too_large" if exc.reason == "too_large" else "invalid_image") from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise APIError(400, f"The image is {width}x{height} = {width * height:,} pixels; this server takes images "
                             f"of 1 to {limits.max_pixels:,} pixels (a guard against decompression bombs).",
                        param=param, code="image_too_large")
+    if image.format not in IMAGE_FORMATS:
+        raise APIError(400, f"Unsupported image format {image.format}.", param=param, code="unsupported_media_type")
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for broken data
         raise APIError(400, f"Cannot decode the {image.format} image: {exc}", param=param,
                        code="invalid_image") from None
     return image
