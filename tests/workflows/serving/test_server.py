@@ -285,18 +285,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_path, varied_model):
+@pytest.mark.parametrize("layout", ["nvila", "released"])
+def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_path, varied_model, layout):
     import subprocess
     import sys
 
     from nvila.core.checkpoint import save_checkpoint
+    from nvila.workflows.pretrained import load_model
+    from tests.workflows.released import write_released
 
-    save_checkpoint(varied_model, tmp_path / "demo-ckpt")
+    ckpt = tmp_path / "demo-ckpt"
+    if layout == "nvila":
+        save_checkpoint(varied_model, ckpt)
+    else:  # a tiny checkpoint in the layout of the released NVILA models
+        write_released(ckpt, "nvila-lite")
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nvila.workflows", "serve", "--ckpt", str(tmp_path / "demo-ckpt"),
+    process = subprocess.Popen([sys.executable, "-m", "nvila.workflows", "serve", "--ckpt", str(ckpt),
                                 "--port", str(port), "--max-batch", "4"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
+    content = [image_part(png(picture(2))), {"type": "text", "text": "What is it?"}]
     try:
         def up():
             try:
@@ -307,15 +315,20 @@ def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_p
         assert wait_for(up, 180) and process.poll() is None
         remote = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in remote.models.list().data] == ["demo-ckpt"]
-        answer = remote.chat.completions.create(model="demo-ckpt", messages=[{"role": "user", "content": "hi"}],
+        answer = remote.chat.completions.create(model="demo-ckpt", messages=[{"role": "user", "content": content}],
                                                 max_tokens=7)
         streamed = "".join(c.choices[0].delta.content or "" for c in remote.chat.completions.create(
-            model="demo-ckpt", messages=[{"role": "user", "content": "hi"}], max_tokens=7, stream=True))
+            model="demo-ckpt", messages=[{"role": "user", "content": content}], max_tokens=7, stream=True))
         refused = httpx.post(base + "/v1/chat/completions", json={"model": "demo-ckpt", "messages": []})
     finally:
         process.terminate()
         _, log = process.communicate(timeout=60)
-    assert answer.choices[0].message.content == streamed == reference(varied_model, "hi", 7).text
+    model = load_model(ckpt)
+    (expected,) = Engine(model).generate([ChatRequest([{"role": "user", "content": [
+        {"type": "image", "image": picture(2)}, {"type": "text", "text": "What is it?"}]}])],
+        DecodingConfig(max_new_tokens=7))
+    assert answer.choices[0].message.content == streamed == expected.text
+    assert answer.usage.visual_tokens == expected.visual_tokens > 0
     assert refused.status_code == 400
-    assert f"{answer.id} status=200 stream=no prompt={answer.usage.prompt_tokens} visual=0 completion=7" in log
+    assert f"{answer.id} status=200 stream=no prompt={answer.usage.prompt_tokens} visual=" in log
     assert "stream=yes" in log and "status=400" in log and "ttft_ms=" in log
