@@ -376,7 +376,7 @@ def _log_to_stderr() -> None:
 @contextlib.contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve ``app`` from a background thread for the duration of the block; yields its base URL
-    (``http://127.0.0.1:PORT``). Tests and ``nvila.workflows.serve_bench`` use it."""
+    (``http://127.0.0.1:PORT``). Tests and ``nvila bench serve`` (``nvila.workflows.bench.serving``) use it."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
