@@ -20,6 +20,9 @@ The steps, each public so that benchmarks can time exactly what generation runs:
    after ``max_new_tokens``; finished sequences stop emitting while the others go on.
 
 Each request samples with its own ``torch.Generator``, so a seed reproduces an answer whatever its batch mates.
+
+:meth:`Engine.join` and :meth:`Engine.keep` merge and split decoding states, so that requests can join a running
+decode and leave it when they finish: ``nvila.core.scheduler`` does continuous batching with them (the server).
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ import torch
 from PIL import Image
 
 from nvila.core.errors import NvilaError
-from nvila.core.processor import IMAGE_TOKEN, ROLES, VIDEO_TOKEN, Encoded, collate
+from nvila.core.processor import IMAGE_TOKEN, ROLES, VIDEO_TOKEN, Encoded, SampleTooLong, collate
+
+
+class PromptTooLong(NvilaError):
+    """A request whose prompt (visual tokens included) is longer than the model's ``max_length``."""
+
 
 FINISH_REASONS = ("stop", "length")
 """Why a sequence ended: "stop" (EOS or a stop string), "length" (``max_new_tokens`` reached)."""
@@ -161,7 +169,7 @@ class TokenEvent:
     """One new token of one sequence."""
 
     request: int
-    """Index of the request in the batch."""
+    """Index of the request in the batch (:meth:`Engine.stream`), or its sequence id (``nvila.core.scheduler``)."""
     token_id: int
     text: str
     """Text this token adds to the answer; empty while text is held back (the start of a possible stop string,
@@ -279,6 +287,37 @@ class _Detokenizer:
         return delta
 
 
+class Answer:
+    """One answer being written: its settings, random generator and text so far. Turns each chosen token into a
+    :class:`TokenEvent` and decides when the answer ends (EOS, a stop string, ``max_new_tokens``), the same way
+    for a fixed batch (:meth:`Engine.stream`) and for continuous batching (``nvila.core.scheduler``)."""
+
+    def __init__(self, tokenizer: Any, eos_token_id: int | None, config: DecodingConfig, request: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.config, self.request, self.eos_token_id = config, request, eos_token_id
+        self.generator = _generator(config, torch.device(device))
+        self.text = _Detokenizer(tokenizer, config.stop)
+        self.count = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> TokenEvent:
+        """The event of the answer's next token; its ``finish_reason`` is set on the last one."""
+        self.count += 1
+        if token == self.eos_token_id:
+            text, reason = self.text.finish(), "stop"
+        else:
+            text, stopped = self.text.add(token)
+            reason = "stop" if stopped else "length" if self.count == self.config.max_new_tokens else None
+            if reason == "length":
+                text += self.text.finish()
+        self.finish_reason = reason
+        return TokenEvent(self.request, token, text, reason)
+
+
 class Engine:
     """Generates answers with an :class:`~nvila.core.model.NvilaModel` (its processor, embedder and language
     model); holds no state between calls, so one engine serves any number of batches.
@@ -311,6 +350,8 @@ class Engine:
             return self.model.processor.encode(turns, images, generation_prompt=True, videos=videos)
         except TemplateError as exc:
             raise NvilaError(f"The checkpoint's chat template refused the conversation: {exc}") from None
+        except SampleTooLong as exc:
+            raise PromptTooLong(f"The prompt is too long: {exc}.") from None
         except ValueError as exc:  # placeholder/media mismatch, a prompt longer than max_length, ...
             raise NvilaError(f"Cannot encode the request: {exc}") from None
 
@@ -324,6 +365,10 @@ class Engine:
                 encoded.append(self.encode(request))
             except NvilaError as exc:
                 raise NvilaError(f"request {i}: {exc}" if len(requests) > 1 else str(exc)) from None
+        return self.collate(encoded)
+
+    def collate(self, encoded: Sequence[Encoded]) -> dict[str, Any]:
+        """Requests already through :meth:`encode` as one left-padded batch on the model's device."""
         return self._to_device(collate(encoded, self.pad_token_id, left_pad=True))
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -385,32 +430,47 @@ class Engine:
         return self._decode(inputs, self._configs(config, batch))
 
     @torch.no_grad()
+    def join(self, states: Sequence[Prefill]) -> Prefill:
+        """Several batches' states as one batch, rows in order: each is left-padded to the longest.
+
+        Continuous batching (``nvila.core.scheduler``) adds a newly prefilled request to the running decode with
+        this; the padding is masked, so every row decodes as it would alone. Consumes ``states``.
+        """
+        if len(states) == 1:
+            return states[0]
+        lengths = [s.attention_mask.shape[1] for s in states]
+        longest = max(lengths)
+        mask = torch.cat([torch.nn.functional.pad(s.attention_mask, (longest - n, 0))
+                          for s, n in zip(states, lengths)])  # (sum B_i, longest)
+        cache = self.model.llm.concat_caches([s.cache for s in states], lengths)
+        return Prefill(torch.cat([s.logits for s in states]), cache, mask, torch.cat([s.positions for s in states]))
+
+    @torch.no_grad()
+    def keep(self, state: Prefill, rows: Sequence[int]) -> Prefill:
+        """The state of some rows only (finished sequences leave the batch), without the columns of left padding
+        that every kept row has. Consumes ``state``."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=state.logits.device)
+        mask = state.attention_mask[index]  # (B', L)
+        start = int(mask.any(0).nonzero()[0]) if len(index) else 0  # the first column a kept row attends to
+        cache = self.model.llm.select_cache(state.cache, index, start)
+        return Prefill(state.logits[index], cache, mask[:, start:], state.positions[index])
+
+    @torch.no_grad()
     def _decode(self, inputs: Mapping[str, Any], configs: list[DecodingConfig]) -> Iterator[Step]:
         device = self.device
-        generators = [_generator(c, device) for c in configs]
-        texts = [_Detokenizer(self.tokenizer, c.stop) for c in configs]
-        counts = [0] * len(configs)
+        answers = [self.answer(c, i) for i, c in enumerate(configs)]
         running = [True] * len(configs)
         start = time.perf_counter()
         state = self.prefill(inputs)
         for index in range(max(c.max_new_tokens for c in configs)):
-            tokens = self._choose(state.logits, configs, generators, running)  # (B,)
+            tokens = self.choose(state.logits, [a if r else None for a, r in zip(answers, running)])  # (B,)
             _synchronize(device)
             seconds = time.perf_counter() - start
             events = []
             for i, token in enumerate(tokens.tolist()):
-                if not running[i]:
-                    continue
-                counts[i] += 1
-                if token == self.eos_token_id:
-                    text, reason = texts[i].finish(), "stop"
-                else:
-                    text, stopped = texts[i].add(token)
-                    reason = "stop" if stopped else "length" if counts[i] == configs[i].max_new_tokens else None
-                    if reason == "length":
-                        text += texts[i].finish()
-                events.append(TokenEvent(i, token, text, reason))
-                running[i] = reason is None
+                if running[i]:
+                    events.append(answers[i].add(token))
+                    running[i] = not answers[i].finished
             yield Step(index, seconds, tuple(events))
             if not any(running):
                 return
@@ -418,13 +478,17 @@ class Engine:
             tokens = torch.where(torch.tensor(running, device=device), tokens, self.pad_token_id)
             state = self.step(state, tokens)
 
-    def _choose(self, logits: torch.Tensor, configs: list[DecodingConfig], generators: list[torch.Generator | None],
-                running: list[bool]) -> torch.Tensor:
-        """The next token of every sequence (B,) from its logits (B, V): argmax, or a sample with its own generator."""
+    def answer(self, config: DecodingConfig, request: int = 0) -> Answer:
+        """A new :class:`Answer` to ``config``, its events numbered ``request``."""
+        return Answer(self.tokenizer, self.eos_token_id, config, request, self.device)
+
+    def choose(self, logits: torch.Tensor, answers: Sequence[Answer | None]) -> torch.Tensor:
+        """The next token of every sequence (B,) from its logits (B, V): argmax, or a sample with the answer's own
+        generator. Rows whose answer is None (finished) get the argmax, which the caller ignores."""
         tokens = logits.argmax(-1)  # (B,)
-        for i, config in enumerate(configs):
-            if running[i] and not config.greedy:
-                tokens[i] = sample(logits[i], config.temperature, config.top_p, generators[i])
+        for i, answer in enumerate(answers):
+            if answer is not None and not answer.config.greedy:
+                tokens[i] = sample(logits[i], answer.config.temperature, answer.config.top_p, answer.generator)
         return tokens
 
     def generate(self, requests: Sequence[ChatRequest | Sequence[Mapping[str, Any]]],
@@ -452,10 +516,7 @@ class Engine:
             (answer,) = engine.collect(inputs, echo(engine.stream_inputs(inputs, config)))
         """
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        visual = torch.zeros_like(ids, dtype=torch.bool)
-        for token_id in (self.model.image_token_id, self.model.video_token_id):
-            if token_id is not None:
-                visual |= ids == token_id
+        visual = self.visual_mask(ids)
         batch = ids.shape[0]
         texts: list[list[str]] = [[] for _ in range(batch)]
         token_ids: list[list[int]] = [[] for _ in range(batch)]
@@ -477,6 +538,14 @@ class Engine:
                            completion_tokens=len(token_ids[i]), prefill_s=prefill_s,
                            decode_tokens_per_s=(len(token_ids[i]) - 1) / decode_s[i] if decode_s[i] else math.nan)
                 for i in range(batch)]
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where the image and video tokens are in prompt ids (any shape): a bool tensor of the same shape."""
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in (self.model.image_token_id, self.model.video_token_id):
+            if token_id is not None:
+                visual |= input_ids == token_id
+        return visual
 
     @staticmethod
     def _configs(config: DecodingConfig | Sequence[DecodingConfig] | None, batch: int) -> list[DecodingConfig]:
@@ -518,5 +587,5 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["FINISH_REASONS", "ChatRequest", "Completion", "DecodingConfig", "Engine", "Prefill", "Step",
-           "TokenEvent", "chat_turns", "sample"]
+__all__ = ["FINISH_REASONS", "Answer", "ChatRequest", "Completion", "DecodingConfig", "Engine", "Prefill",
+           "PromptTooLong", "Step", "TokenEvent", "chat_turns", "sample"]

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from nvila.core.errors import NvilaError
+
 log = logging.getLogger(__name__)
 
 
@@ -184,6 +186,39 @@ class LanguageModel(nn.Module, ABC):
         logits = self(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)  # (B, past + L, V)
         return logits[:, -1 if last_only else -new:], (inputs_embeds, position_ids)
 
+    def select_cache(self, cache: Any, rows: torch.Tensor, start: int = 0) -> Any:
+        """The cache of some sequences only: ``rows`` (a 1-D index tensor), without the first ``start`` positions
+        (left padding that every kept row has). Consumes ``cache``.
+
+        Continuous batching (``nvila.core.scheduler``) drops finished sequences with this. The default handles
+        the recomputing cache above and transformers' ``DynamicCache`` of full-attention layers; a backbone
+        with another kind of cache overrides this and :meth:`concat_caches`.
+        """
+        if isinstance(cache, tuple):  # the recomputing cache: (embeds (B, L, D), position ids (B, L))
+            return tuple(t[rows, start:] for t in cache)
+        for layer in _full_attention_layers(self, cache):
+            layer.keys = layer.keys[rows, :, start:]  # (B', H, L - start, d)
+            layer.values = layer.values[rows, :, start:]
+        return cache
+
+    def concat_caches(self, caches: list[Any], lengths: list[int]) -> Any:
+        """Several batches' caches as one batch, in order: each of ``lengths[i]`` positions is left-padded with
+        zeros to the longest (the attention mask covers the padding). Consumes ``caches``.
+
+        Continuous batching joins a newly prefilled request to the running batch with this.
+        """
+        longest = max(lengths)
+        if all(isinstance(c, tuple) for c in caches):
+            return tuple(torch.cat([nn.functional.pad(c[k], (0, 0) * (c[k].ndim - 2) + (longest - n, 0))
+                                    for c, n in zip(caches, lengths)]) for k in range(len(caches[0])))
+        per_cache = [_full_attention_layers(self, c) for c in caches]
+        for layer, *others in zip(*per_cache):
+            for name in ("keys", "values"):
+                tensors = [getattr(x, name) for x in (layer, *others)]  # each (B_i, H, n_i, d)
+                setattr(layer, name, torch.cat([nn.functional.pad(t, (0, 0, longest - n, 0))
+                                                for t, n in zip(tensors, lengths)]))  # (sum B_i, H, longest, d)
+        return caches[0]
+
     @abstractmethod
     def resize_vocab(self, size: int) -> None:
         """Grow the embedding and output layers to ``size`` tokens (for added media tokens)."""
@@ -198,6 +233,18 @@ class LanguageModel(nn.Module, ABC):
     def lora_target_modules(self) -> list[str]:
         """Default module names LoRA adapts (the attention and MLP projections)."""
         return []
+
+
+def _full_attention_layers(llm: LanguageModel, cache: Any) -> list[Any]:
+    """The layers of a transformers ``DynamicCache`` whose every layer keeps all positions (no sliding window)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(type(layer) is DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or ()}) or [type(cache).__name__]
+        raise NvilaError(f"{type(llm).__name__} keeps a cache ({', '.join(kinds)}) that continuous batching cannot "
+                         "split or join: override LanguageModel.select_cache and concat_caches for it.")
+    return list(layers)
 
 
 class PrecisionBackend(ABC):

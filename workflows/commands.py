@@ -154,8 +154,8 @@ def _prune(args: argparse.Namespace, rest: list[str]) -> None:
 # -- bench ----------------------------------------------------------------------------------------------------
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     # no `choices`: listing the suites imports torch, and every `nvila` command builds this parser
-    parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data or prefill "
-                                      "(nvila.workflows.bench.suites.SUITES)")
+    parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data, prefill or "
+                                      "serve (nvila.workflows.bench.suites.SUITES)")
     parser.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="run only the configurations whose name contains TEXT (repeatable)")
@@ -213,6 +213,31 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _convert(args: argparse.Namespace, rest: list[str]) -> None:
     from nvila.workflows.convert import run
+
+    run(args)
+
+
+# -- serve, chat ----------------------------------------------------------------------------------------------
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from nvila.workflows.serving.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.serving.cli import run
+
+    run(args)
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from nvila.workflows.chat import add_arguments
+
+    add_arguments(parser)
+
+
+def _chat(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.chat import run
 
     run(args)
 
@@ -297,6 +322,10 @@ COMMANDS: dict[str, Command] = {
                         _generate, _generate_arguments),
     "convert": Command("convert a checkpoint between the released NVILA layout and nvila's", _convert,
                        _convert_arguments),
+    "serve": Command("serve a checkpoint behind an OpenAI-compatible HTTP API (streaming, batched)", _serve,
+                     _serve_arguments),
+    "chat": Command("chat with a checkpoint in the terminal, with images and videos, streaming", _chat,
+                    _chat_arguments),
     "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
                      _sweep_arguments, passes_through=True,
                      description="Train every combination of --grid values (each a plain `nvila fit` command line, "

@@ -92,14 +92,23 @@ def _duration_s(container: av.container.InputContainer, stream: av.video.stream.
     return frames / rate if rate else float(frames)
 
 
-def decode_video(source: bytes | str | Path, sampling: VideoSampling | None = None) -> list[Image.Image]:
-    """Uniformly sampled RGB frames of a clip given as bytes or a path; raises VideoDecodeError if unreadable."""
+def decode_video(source: bytes | str | Path, sampling: VideoSampling | None = None,
+                 max_pixels: int | None = None) -> list[Image.Image]:
+    """Uniformly sampled RGB frames of a clip given as bytes or a path; raises VideoDecodeError if unreadable.
+
+    ``max_pixels`` refuses a clip whose frames are larger (width x height, read from the stream's header before any
+    frame is decoded): a guard against decompression bombs in clips from untrusted senders.
+    """
     sampling = sampling or VideoSampling()
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
             if not container.streams.video:
                 raise VideoDecodeError("no video stream")
             stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if max_pixels is not None and width * height > max_pixels:
+                raise VideoDecodeError(f"frames of {width}x{height} = {width * height:,} pixels, more than the "
+                                       f"limit of {max_pixels:,}")
             stream.thread_type = "AUTO"  # frame-threaded decoding inside this worker
             total = _frame_count(container, stream)
             indices = uniform_indices(total, sampling.count(total, _duration_s(container, stream, total)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nvila.core.errors import NvilaError
 from nvila.core.registry import did_you_mean
-from nvila.workflows.bench import data, prefill, training
+from nvila.workflows.bench import data, prefill, serving, training
 from nvila.workflows.bench.measure import torch_threads
 from nvila.workflows.bench.report import Report, write_report
 from nvila.workflows.bench.runner import BenchOptions, BenchRun, SuiteFunction
@@ -32,6 +32,7 @@ SUITES: dict[str, Suite] = {
        for name in training.TRAINING_SUITES},
     "data": Suite(data.run_data_suite, data.SUMMARY, data.COMPARE),
     "prefill": Suite(prefill.run_prefill_suite, prefill.SUMMARY, prefill.COMPARE),
+    "serve": Suite(serving.run_serving_suite, serving.SUMMARY, serving.COMPARE),
 }
 
 

@@ -75,3 +75,9 @@ def test_sampling_settings_are_checked():
         VideoSampling(num_frames=None)
     with pytest.raises(ValueError):
         VideoSampling(num_frames=0)
+
+
+def test_a_clip_with_frames_over_the_pixel_limit_is_refused_before_decoding(mp4_30):
+    with pytest.raises(VideoDecodeError, match=r"frames of 32x24 = 768 pixels, more than the limit of 700"):
+        decode_video(mp4_30, VideoSampling(num_frames=4), max_pixels=700)
+    assert len(decode_video(mp4_30, VideoSampling(num_frames=4), max_pixels=768)) == 4
