@@ -188,6 +188,28 @@ def _generate(args: argparse.Namespace, rest: list[str]) -> None:
     run(args)
 
 
+# -- quantize -------------------------------------------------------------------------------------------------
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="full-precision checkpoint directory (written by nvila fit)")
+    parser.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    spec = "quantizer name (w8a8, w4a16) or inline spec, e.g. \"{name: w4a16, method: rtn}\""
+    parser.add_argument("--vision", "--encoder", dest="encoder", metavar="SPEC", help=f"vision tower: {spec}")
+    parser.add_argument("--projector", metavar="SPEC", help=f"projector: {spec}")
+    parser.add_argument("--llm", metavar="SPEC", help=f"language model: {spec}")
+    parser.add_argument("--calib", metavar="SHARDS", help="shards to draw calibration samples from (AWQ needs them)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration samples drawn from --calib")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+
+
+def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.prune import parse_pruner as parse_spec  # a name or an inline YAML spec -> a spec dict
+    from nvila.workflows.quantize import quantize_checkpoint
+
+    quant = {part: parse_spec(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    report = quantize_checkpoint(args.ckpt, args.out, quant, args.calib, args.calib_samples, args.seed)
+    print(report.summary())
+
+
 # -- plan -----------------------------------------------------------------------------------------------------
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, action="append",
@@ -263,6 +285,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
                     "(no weights needed)", _plan, _plan_arguments, passes_through=True,
                     description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
+    "quantize": Command("quantize a checkpoint for serving: W8A8 vision tower, W4A16 language model (AWQ)",
+                        _quantize, _quantize_arguments),
     "generate": Command("answer a question about images or a video, streaming the answer token by token",
                         _generate, _generate_arguments),
     "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
