@@ -188,7 +188,7 @@ class NvilaModel(nn.Module):
     def visual_tokens(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""
         blocks = self.encoder(pixels, grids)  # (M, h, w, C)
-        tokens = self.projector(self._compress(blocks))  # (M, n, D)
+        tokens = self._project(self._compress(blocks))  # (M, n, D)
         return self._stitch(tokens, grids)  # (M*n, D)
 
     def _stitch(self, tokens: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
@@ -210,8 +210,13 @@ class NvilaModel(nn.Module):
             start += rows * cols
         return torch.cat(out)
 
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The projector, given tokens in the dtype it computes in (a quantized vision tower may compute in another)."""
+        return self.projector(tokens.to(_compute_dtype(self.projector, tokens.dtype)))  # (M, n, D)
+
     def _compress(self, blocks: torch.Tensor) -> torch.Tensor:
         """The spatial compressor, held to the token count its output_shape announced: (M, n, C')."""
+        blocks = blocks.to(_compute_dtype(self.compressor, blocks.dtype))
         tokens = self.compressor(blocks)  # (M, n, C')
         if tuple(tokens.shape[1:]) != self._token_shape:  # the placeholders were counted from output_shape
             raise NvilaError(
@@ -230,7 +235,7 @@ class NvilaModel(nn.Module):
         tokens = self._compress(blocks)  # (M, n, C')
         if where == "after-compressor":
             tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, C')
-        tokens = self.projector(tokens)  # (M, n, D)
+        tokens = self._project(tokens)  # (M, n, D)
         if where == "after-projector":
             tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, D)
         return tokens.flatten(0, 1)  # (sum F'*r*c*n, D)
@@ -322,6 +327,11 @@ class NvilaModel(nn.Module):
 
     def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
         return self.encoder.fsdp_wrap_modules() | self.llm.fsdp_wrap_modules()
+
+
+def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a part's first floating-point parameter (``default`` for a part without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
 
 
 def _origin(kind: str, spec: dict[str, Any], registry: Registry | None) -> str:

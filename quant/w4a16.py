@@ -14,6 +14,7 @@ dequantizes at every call instead: slow, but it runs on any device.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -50,6 +51,10 @@ class W4A16Config:
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     """Linear layers kept in 16 bits: fnmatch patterns on the qualified name or its last part (AWQ keeps the
     output layer, which small models tie to the input embedding)."""
+    dense_rows: int = 256
+    """On CPUs, a call with at least this many rows (a long prefill) dequantizes the layer to bf16 and runs one dense
+    matmul, which beats the int4 kernel there from a few hundred rows on (the int4 kernel is made for decoding);
+    0 keeps the int4 kernel for every call."""
     calib_rows: int = 256
     """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
     awq_grid: int = 20
@@ -66,8 +71,8 @@ class W4A16Config:
             problems.append(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.calib_rows < 1 or self.awq_grid < 1:
-            problems.append("calib_rows and awq_grid must be at least 1")
+        if self.calib_rows < 1 or self.awq_grid < 1 or self.dense_rows < 0:
+            problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -169,6 +174,74 @@ def unpack_by_probe(pack: Callable[[torch.Tensor], torch.Tensor], packed: torch.
     return out.reshape(n, k)
 
 
+@functools.cache
+def cpu_layout(n: int) -> list[tuple[int, int, torch.Tensor]]:
+    """How the CPU int4 kernel lays out ``n`` output rows: ``(first row, rows, order)`` per block of rows.
+
+    torch packs each block of rows (64 with AVX-512, 32 with AVX2, a shorter last block) column after column,
+    each column of a block as ``rows / 2`` bytes whose nibbles hold the block's rows in ``order`` (an
+    ISA-specific interleaving). The orders are learnt by packing row numbers with the kernel itself.
+    """
+    digits = max(1, math.ceil(math.log(n, 16)))
+    rows = torch.arange(n, dtype=torch.int64)[:, None].expand(n, 2)  # (N, 2): two columns, the fewest it packs
+    found = torch.zeros(2 * n, dtype=torch.int64)
+    for digit in range(digits):
+        found += _nibbles(_cpu_pack(((rows >> (4 * digit)) & 15).to(torch.int32))).long() << (4 * digit)
+    blocks, at = [], 0
+    while at < 2 * n:
+        start = int(found[at])
+        again = (found[at + 1:] == found[at]).nonzero()  # column 1 of the block starts with the same row
+        size = int(again[0]) + 1 if len(again) else 0
+        order = found[at:at + size] - start
+        if size == 0 or not torch.equal(order.sort().values, torch.arange(size)):
+            raise NvilaError("cannot read the CPU int4 kernel's packed layout: it does not pack blocks of rows column "
+                             "by column")
+        blocks.append((start, size, order))  # column 0's nibbles: the block's rows, in the kernel's order
+        at += 2 * size  # the probe has two columns
+    return blocks
+
+
+def _cpu_pack(q: torch.Tensor) -> torch.Tensor:
+    from nvila.quant._torchao import int4_cpu_pack
+
+    return int4_cpu_pack(q)
+
+
+def unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Values (N, K) uint8 from the CPU kernel's packed bytes, with reshapes and one gather per kind of block."""
+    _check_cpu_layout(n, k)
+    return _unpack_cpu(packed, n, k)
+
+
+@functools.cache
+def _check_cpu_layout(n: int, k: int) -> None:
+    """Once per shape: random values packed by the kernel come back from :func:`_unpack_cpu` unchanged."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    if not torch.equal(_unpack_cpu(_cpu_pack(q), n, k).int(), q):
+        raise NvilaError(f"this torch's CPU int4 packing of a {n}x{k} weight is not the one nvila reads; set W4A16's "
+                         "`kernel: reference` (or report the torch version, so that nvila learns its layout).")
+
+
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nibbles = _nibbles(packed)
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    at = 0
+    layout = cpu_layout(n)
+    i = 0
+    while i < len(layout):
+        start, size, order = layout[i]
+        same = 1  # full blocks share one order: take them together
+        while i + same < len(layout) and layout[i + same][1] == size and torch.equal(layout[i + same][2], order):
+            same += 1
+        count = same * k * size
+        values = nibbles[at:at + count].reshape(same, k, size)  # (blocks, K, rows in the kernel's order)
+        rows = values.index_select(2, order.argsort())  # (blocks, K, rows in order)
+        out[start:start + same * size] = rows.transpose(1, 2).reshape(same * size, k)
+        at += count
+        i += same
+    return out
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1).to(torch.uint8)
     return torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)  # (2 * bytes,)
@@ -181,14 +254,15 @@ class Int4WeightOnlyLinear(PackedLinear):
     PACKED = ("qweight", "scales", "zeros")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 input_scale: torch.Tensor | None, bias: torch.Tensor | None, kernel: str = "auto") -> None:
+                 input_scale: torch.Tensor | None, bias: torch.Tensor | None, kernel: str = "auto",
+                 dense_rows: int = 0) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0])
         self.register_buffer("qweight", qweight)  # (N, K/2) uint8, two values a byte
         self.register_buffer("scales", scales)  # (N, K/group), 16-bit
         self.register_buffer("zeros", zeros)  # (N, K/group), 16-bit
         self.register_buffer("input_scale", input_scale)  # (K,) 16-bit, or None
         self.register_buffer("bias", bias)  # (N,) 16-bit, or None
-        self.kernel = kernel
+        self.kernel, self.dense_rows = kernel, dense_rows
         self.group_size = self.in_features // scales.shape[1]
         self._running: str | None = None  # the kernel, and the activations' dtype, of the packed form
         self._dtype = scales.dtype
@@ -212,22 +286,38 @@ class Int4WeightOnlyLinear(PackedLinear):
             from nvila.quant import _torchao
 
             if self._running == "cpu":
-                n_pad = -n % _torchao.CPU_ROWS
-                q = unpack_by_probe(lambda d: _torchao.int4_cpu_pack(nn.functional.pad(d, (0, 0, 0, n_pad))),
-                                    packed.qdata, n, k)
+                q = unpack_cpu(packed.qdata, n + (-n % _torchao.CPU_ROWS), k)[:n]
             else:
                 k_pad, n_pad = -k % 1024, -n % 8
                 q = unpack_by_probe(lambda d: _torchao.int4_cuda_pack(nn.functional.pad(d, (0, k_pad, 0, n_pad))),
                                     packed.qdata, n, k)
-            pairs = packed.scale_and_zero.transpose(0, 1)  # (N', G', 2)
-            scales, zeros = pairs[:n, :k // self.group_size, 0], pairs[:n, :k // self.group_size, 1]
+            scales, zeros = self._scales_and_zeros(packed)
         return {"qweight": pack_nibbles(q), "scales": scales.contiguous(), "zeros": zeros.contiguous()}
+
+    def _scales_and_zeros(self, packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = packed.scale_and_zero.transpose(0, 1)  # (N', G', 2), padded
+        groups = self.in_features // self.group_size
+        return pairs[:self.out_features, :groups, 0], pairs[:self.out_features, :groups, 1]
+
+    def dense_weight(self, packed: Any) -> torch.Tensor:
+        """The CPU-packed weight as a dense (N, K) bf16 matrix (each value rounded to bf16, as a bf16 GEMM reads it)."""
+        n, k = self.out_features, self.in_features
+        q = unpack_cpu(packed.qdata, n + (-n % 16), k)[:n]  # (N, K) uint8
+        scales, zeros = self._scales_and_zeros(packed)  # (N, G) bf16
+        groups = scales.shape[1]
+        w = (q.reshape(n, groups, k // groups).to(torch.bfloat16) - 8) * scales[..., None] + zeros[..., None]
+        return w.reshape(n, k)
 
     def matmul(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         x = x.to(self._dtype)
         if self.input_scale is not None:
             x = x * self.input_scale  # (..., K): AWQ's 1/s, the inverse of the scale folded into the weight
-        weight = dequantize_groups(**packed) if isinstance(packed, dict) else packed
+        if isinstance(packed, dict):  # the reference kernel
+            weight = dequantize_groups(**packed)
+        elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
+            weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
+        else:
+            weight = packed
         return nn.functional.linear(x, weight, self.bias)
 
 
@@ -271,7 +361,7 @@ class W4A16(Quantizer):
             q, scales, zeros = quantize_groups(weight, config.group_size, self.dtype, clip)
             bias = layer.bias.detach().to(self.dtype).clone() if layer.bias is not None else None
             replace_layer(part, name, Int4WeightOnlyLinear(pack_nibbles(q), scales, zeros, input_scale, bias,
-                                                           config.kernel))
+                                                           config.kernel, config.dense_rows))
         for param in part.parameters():  # the rest (embeddings, norms, the output layer) computes in 16 bits too
             if param.is_floating_point():
                 param.data = param.data.to(self.dtype)

@@ -29,6 +29,7 @@ from nvila.quant.packed_linear import PackedLinear, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
 KERNELS = ("auto", "onednn", "fbgemm", "torchao")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -38,17 +39,25 @@ class W8A8Config:
     kernel: str = "auto"
     """'auto' picks by device (CPU with AMX: onednn; other x86 CPUs: fbgemm; CUDA: torchao), or name one of
     onednn, fbgemm (CPU, torch.ao dynamic int8) or torchao (any device; slow on CPUs)."""
+    dtype: str = "auto"
+    """What the part's other layers (attention, norms, embeddings) compute in: 'fp32', 'bf16', or 'auto': bf16
+    where this CPU has bf16 matrix instructions (AVX512-BF16, AMX), else fp32 (bf16 is 6.7x slower than fp32
+    without them: API notes, section 4)."""
     skip: list[str] = field(default_factory=list)
     """Linear layers left in full precision: fnmatch patterns on the qualified name or its last part."""
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
 
 
 def cpu_has(feature: str) -> bool:
-    """Whether this CPU has ``amx`` (AMX tiles) or ``vnni`` (int8 dot products); torch's own probes."""
-    probe = {"amx": "_is_amx_tile_supported", "vnni": "_is_vnni_supported"}[feature]
+    """Whether this CPU has ``amx`` (AMX tiles), ``vnni`` (int8 dot products) or ``bf16`` (AVX512-BF16), by
+    torch's own probes."""
+    probe = {"amx": "_is_amx_tile_supported", "vnni": "_is_vnni_supported", "bf16": "_is_avx512_bf16_supported"}[
+        feature]
     try:
         return bool(getattr(torch.cpu, probe)())
     except (AttributeError, RuntimeError):
@@ -175,4 +184,9 @@ class W8A8(Quantizer):
             q, scale = quantize_int8(layer.weight)
             bias = layer.bias.detach().float().clone() if layer.bias is not None else None
             replace_layer(part, name, Int8DynamicLinear(q, scale, bias, self.config.kernel))
+        dtype = self.config.dtype
+        if dtype == "bf16" or (dtype == "auto" and (cpu_has("bf16") or cpu_has("amx"))):
+            for param in part.parameters():  # the rest of the tower: bf16 matrix units do attention too
+                if param.is_floating_point():
+                    param.data = param.data.to(torch.bfloat16)
         return list(layers)

@@ -49,7 +49,7 @@ def test_quantize_records_full_specs_leaves_the_callers_spec_alone_and_refuses_t
     done = model.quantize(QUANT, registry=registry)
     assert set(done) == {"encoder", "llm"} and all(done.values())
     assert spec.quant == {}
-    assert model.spec.quant["encoder"] == {"name": "w8a8", "kernel": "auto", "skip": []}
+    assert model.spec.quant["encoder"] == {"name": "w8a8", "kernel": "auto", "dtype": "auto", "skip": []}
     assert model.spec.quant["llm"]["group_size"] == 32 and model.spec.quant["llm"]["dtype"] == "bf16"
     with pytest.raises(NvilaError, match="llm already quantized"):
         model.quantize({"llm": "w4a16"}, registry=registry)

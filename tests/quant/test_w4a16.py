@@ -17,6 +17,7 @@ from nvila.quant.w4a16 import (
     pick_kernel,
     quantize_groups,
     unpack_by_probe,
+    unpack_cpu,
     unpack_nibbles,
 )
 
@@ -56,7 +57,21 @@ def test_the_cpu_kernels_packing_is_undone_exactly(shape):
     n, k = shape
     q = torch.randint(0, 16, shape, dtype=torch.int32)
     packed = int4_cpu_pack(q)
-    assert torch.equal(unpack_by_probe(int4_cpu_pack, packed, n, k).int(), q)
+    assert torch.equal(unpack_by_probe(int4_cpu_pack, packed, n, k).int(), q)  # any layout, slowly
+    assert torch.equal(unpack_cpu(packed, n, k).int(), q)  # the layout torch documents, quickly
+
+
+def test_prefill_sized_calls_run_a_dense_bf16_matmul_that_agrees_with_the_int4_kernel():
+    part = mlp()
+    W4A16(W4A16Config(method="rtn", dense_rows=8)).quantize(part)
+    layer, few, many = part[0], torch.randn(1, 4, 256), torch.randn(1, 8, 256)
+    layer(few)  # packs
+    dense = layer(many)
+    layer.dense_rows = 0
+    assert torch.allclose(dense.float(), layer(many).float(), atol=0.02, rtol=0.02)
+    plain = layer.plain()
+    expected = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"])
+    assert torch.allclose(layer.dense_weight(layer._packed).float(), expected.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_output_widths_the_cpu_kernel_cannot_block_are_padded_and_cut_back(tmp_path):

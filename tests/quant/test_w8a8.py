@@ -102,3 +102,19 @@ def test_w8a8_runs_torchao_int8_on_cuda():
     assert (out - reference).norm() / reference.norm() < 0.03
     after = {k: v.cpu() for k, v in part.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype,expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_rest_of_the_tower_computes_in_the_chosen_dtype(dtype, expected):
+    part = mlp()
+    part.insert(1, nn.LayerNorm(96))
+    W8A8(W8A8Config(dtype=dtype)).quantize(part)
+    assert part[1].weight.dtype == expected
+    assert part(torch.randn(2, 64).to(expected)).dtype == expected
+
+
+def test_auto_dtype_follows_the_cpus_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(w8a8, "cpu_has", lambda feature: False)
+    part = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    W8A8(W8A8Config()).quantize(part)
+    assert part[1].weight.dtype == torch.float32
