@@ -134,10 +134,20 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 
 
 def fake_quant(group_size: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
-    """Quantize-then-dequantize in float32, as AWQ's search needs it."""
-    def run(w: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
-        q, scale, zero = quantize_groups(w, group_size, dtype, clip)
-        return dequantize_groups(q, scale, zero).float()
+    """Quantize-then-dequantize in float32, as AWQ's search needs it: the values of :func:`quantize_groups` and
+    :func:`dequantize_groups` (before the final rounding to ``dtype``), in fewer passes over the weight."""
+    def run(weight: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
+        n, k = weight.shape
+        w = weight.float().reshape(n, k // group_size, group_size)  # (N, G, g)
+        if not (isinstance(clip, float) and clip == 1.0):
+            clip = torch.as_tensor(clip, dtype=torch.float32)
+            limit = w.abs().amax(-1, keepdim=True) * (clip[..., None] if clip.ndim else clip)  # (N, G, 1)
+            w = torch.maximum(torch.minimum(w, limit), -limit)
+        low, high = torch.aminmax(w, dim=-1, keepdim=True)  # (N, G, 1)
+        scale = ((high - low) / 15).clamp_(min=1e-6).to(dtype).float()
+        zero = (low + scale * 8).to(dtype).float()
+        q = (w - zero).div_(scale).round_().add_(8).clamp_(0, 15)  # (N, G, g)
+        return q.sub_(8).mul_(scale).add_(zero).reshape(n, k)
 
     return run
 
@@ -269,8 +279,8 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def pack(self, plain: dict[str, torch.Tensor]) -> Any:
         q, scales, zeros = unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"]
-        kernel = pick_kernel(self.kernel, q.device, scales.dtype)
-        self._running, self._dtype = kernel, scales.dtype
+        kernel = pick_kernel(self.kernel, q.device)  # the int4 kernels compute in bf16 whatever the scales are in
+        self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
         if kernel == "reference":
             return {"q": q, "scale": scales, "zero": zeros}
         from nvila.quant import _torchao
@@ -313,12 +323,12 @@ class Int4WeightOnlyLinear(PackedLinear):
         if self.input_scale is not None:
             x = x * self.input_scale  # (..., K): AWQ's 1/s, the inverse of the scale folded into the weight
         if isinstance(packed, dict):  # the reference kernel
-            weight = dequantize_groups(**packed)
+            weight = dequantize_groups(**packed).to(x.dtype)
         elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
             weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
         else:
             weight = packed
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
 
 
 # -- the quantizer -------------------------------------------------------------------------------------------
