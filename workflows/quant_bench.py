@@ -526,7 +526,10 @@ def run_suites(suites: Sequence[str], size: str = "mid", images: Sequence[tuple[
 def markdown(rows: Sequence[Row]) -> str:
     lines = ["| suite | case | metric | value | target | met | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        value = f"{r.value:,.0f}" if abs(r.value) >= 100 else f"{r.value:.3g}"
+        if r.unit in ("%", "points", "% of bf16"):
+            value = f"{r.value:.2f}"
+        else:
+            value = f"{r.value:,.0f}" if abs(r.value) >= 100 else f"{r.value:.3g}"
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         lines.append(f"| {r.suite} | {r.case} | {r.metric} | {value} {r.unit} | {r.target} | {met} | {r.note} |")
     return "\n".join(lines)
