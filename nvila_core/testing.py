@@ -291,7 +291,11 @@ def _check_quantizer(component: Component, config: object) -> None:
     with torch.no_grad(), _check(component, "forward on tiny CPU inputs"):
         reference = original(inputs)  # (4, 256)
         layers = quantizer.quantize(part, lambda: [part(x) for x in calibration])
-        before = {k: v.clone() for k, v in part.state_dict().items()}
+    with _check(component, "plain state dict"):
+        before = part.state_dict()
+    _plain_state(component, before)
+    before = {k: v.clone() for k, v in before.items()}
+    with torch.no_grad(), _check(component, "forward on tiny CPU inputs"):
         out = part(inputs)
     names = {name for name, _ in original.named_modules()}
     _expect(isinstance(layers, list) and bool(layers) and set(layers) <= names, component, "quantized output",
@@ -303,9 +307,7 @@ def _check_quantizer(component: Component, config: object) -> None:
     _expect(error < 0.25, component, "quantized output", f"relative error {error:.3f} against full precision")
     with _check(component, "plain state dict"):
         after = part.state_dict()
-    odd = [k for k, v in {**before, **after}.items() if type(v) is not torch.Tensor or v.is_quantized]
-    _expect(not odd, component, "plain state dict", f"entries {odd} are not plain tensors: safetensors cannot hold "
-            "them, and loading them would need unpickling")
+    _plain_state(component, after)
     _expect(before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), component,
             "plain state dict", "the state dict changed when the part ran (packing must be exactly reversible)")
     with _check(component, "quantized round-trip"), tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -317,6 +319,12 @@ def _check_quantizer(component: Component, config: object) -> None:
         again = fresh(inputs)
     _expect(torch.equal(again, out), component, "quantized round-trip",
             f"outputs differ by {(again.float() - out.float()).abs().max().item():.2e} after save and load")
+
+
+def _plain_state(component: Component, state: dict) -> None:
+    odd = [k for k, v in state.items() if type(v) is not torch.Tensor or v.is_quantized]
+    _expect(not odd, component, "plain state dict", f"entries {odd} are not plain tensors: safetensors cannot hold "
+            "them, and loading them would need unpickling")
 
 
 KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {

@@ -211,7 +211,8 @@ def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _bench_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    suites = ("machine", "ttft", "decode", "peer", "quality")  # quant_bench.SUITES, named here to keep --help quick
+    # quant_bench.SUITES, named here so that `nvila --help` does not import torch
+    suites = ("machine", "ttft", "decode", "peer", "quality", "qlora")
     parser.add_argument("suites", nargs="+", choices=suites, metavar="SUITE",
                         help=f"one or more of {', '.join(suites)} (the machine's limits are always measured first)")
     parser.add_argument("--size", choices=["demo", "mid"], default="mid")

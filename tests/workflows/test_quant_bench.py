@@ -52,3 +52,9 @@ def test_quality_compares_awq_and_round_to_nearest(synth_data):
     assert ("demo w4a16 awq", "next-token top-1 agreement") in metrics
     assert ("demo w4a16 awq vs rtn", "top-1 agreement, AWQ minus RTN") in metrics
     assert "| quality |" in qb.markdown(rows)
+
+
+def test_nvila_8b_peft_over_a_w4a16_language_model_counts_half_the_training_state():
+    rows = {r.case: r.value for r in qb.qlora_count()}
+    assert 17 < rows["nvila-8b stages/peft, frozen weights bf16"] < 18  # as tests/workflows/test_recipes.py counts
+    assert rows["nvila-8b stages/peft, frozen LLM linears W4A16"] < 9
