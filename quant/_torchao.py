@@ -22,7 +22,7 @@ from torchao.quantization import Int4TilePackedTo4dTensor, Int8Tensor, PerRow
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-__all__ = ["Float8LinearConfig", "convert_to_float8_training", "int4_cpu", "int4_cpu_pack", "int4_cuda",
+__all__ = ["Float8LinearConfig", "convert_to_float8_training", "int4_cpu", "int4_cpu_mm", "int4_cpu_pack", "int4_cuda",
            "int4_cuda_pack", "int8_dynamic", "int8_dynamic_parts"]
 
 TILE_INNER_K = 8
@@ -51,6 +51,13 @@ def int4_cpu(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_siz
     return Int4OpaqueTensor(qdata=int4_cpu_pack(q), scale_and_zero=pack_tinygemm_scales_and_zeros(scale, zero,
                                                                                                   scale.dtype),
                             block_size=[1, group_size], shape=torch.Size([n, k]))
+
+
+def int4_cpu_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) bf16 times an ``int4_cpu`` weight: (M, N padded to 16). The kernel ``Int4OpaqueTensor``'s linear
+    calls, called directly: its Python dispatch costs about as much as the kernel on a decoding step."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.qdata, weight.block_size[1],
+                                                       weight.scale_and_zero)
 
 
 def int4_cuda_pack(q: torch.Tensor) -> torch.Tensor:

@@ -326,6 +326,12 @@ class Int4WeightOnlyLinear(PackedLinear):
             weight = dequantize_groups(**packed).to(x.dtype)
         elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
             weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
+        elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch
+            from nvila.quant._torchao import int4_cpu_mm
+
+            y = int4_cpu_mm(x.reshape(-1, self.in_features), packed)[:, :self.out_features]  # (M, N)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
         else:
             weight = packed
         return nn.functional.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
