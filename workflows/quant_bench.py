@@ -561,8 +561,10 @@ def run_suites(suites: Sequence[str], size: str = "mid", images: Sequence[tuple[
             rows += peer(size, images, min(tokens, 8))
         elif suite == "qlora":
             rows += qlora_count()
-        elif suite == "quality":
-            rows += quality(calib, held_out_shards, ckpt, "mid-1tile" if size == "mid" else size,
+        elif suite == "quality":  # at mid size one AWQ search takes minutes: the serving mix, AWQ and RTN
+            configs = tuple(QUALITY_CONFIGS) if size == "demo" else ("w8a8 vision", "w8a8 + w4a16 awq",
+                                                                      "w8a8 + w4a16 rtn")
+            rows += quality(calib, held_out_shards, ckpt, "mid-1tile" if size == "mid" else size, configs,
                             calib_samples=calib_samples, samples=samples, eval_limit=eval_limit)
         gc.collect()
     return rows
