@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,3 +263,37 @@ class PrecisionBackend(ABC):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Convert the model (in place where possible) before training or serving."""
         return model
+
+
+Calibration = Callable[[], None]
+"""Runs the whole model on calibration samples once; a quantizer hooks its part's layers to see their inputs."""
+
+
+class Quantizer(ABC):
+    """Inference-time quantization of one part of a trained model (W8A8 vision tower, W4A16 language model).
+
+    ``quantize`` replaces layers of the part in place. The quantized layers' state dict holds plain tensors
+    only (integers and their scales, no tensor subclasses and no packed kernel layouts), so a quantized
+    model saves to safetensors like any other; loading rebuilds the model from its spec, whose ``quant``
+    names the quantizer of each part, and the checkpoint's integers replace those of the rebuilt layers.
+    Layers pack their integers into the layout of their device's kernel when they first run.
+
+    Training only ever sees full-precision parts: quantization is for serving (see ``PrecisionBackend``).
+    """
+
+    calibrates: bool = False
+    """True when ``quantize`` uses calibration (activation statistics, as AWQ does). Without calibration it must
+    still make layers with the same state-dict keys and shapes, so that a model built from a spec loads any
+    checkpoint written from that spec."""
+
+    def check_available(self, device: torch.device) -> None:
+        """Raise NvilaError naming what is needed, and the alternative, when ``device`` has no kernel for this."""
+
+    @abstractmethod
+    def quantize(self, part: nn.Module, calibrate: Calibration | None = None) -> list[str]:
+        """Quantize ``part`` in place and return the names of the layers quantized (relative to ``part``).
+
+        ``calibrate``, when given, runs the whole model on calibration samples; a quantizer that
+        ``calibrates`` hooks the part's layers, calls it, and removes its hooks. Raise NvilaError for a
+        layer it cannot take (a width its group size does not divide), naming the layer and the setting.
+        """

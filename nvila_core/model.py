@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from nvila.core.errors import NvilaError
-from nvila.core.interfaces import TemporalCompressor
+from nvila.core.interfaces import Calibration, Quantizer, TemporalCompressor
 from nvila.core.losses import standard_loss
 from nvila.core.processor import IMAGE_TOKEN, VIDEO_TOKEN, NvilaProcessor
 from nvila.core.registry import Registry, did_you_mean
-from nvila.core.specs import as_dict, build, validate_all
+from nvila.core.specs import as_dict, build, resolve, to_spec, validate_all
 
 
 def _slot(kind: str, default: str, doc: str, module: bool = True) -> Any:
@@ -49,6 +49,9 @@ class ModelSpec:
         "precision", "fp32", "precision backend spec, e.g. {name: bf16, frozen_in_bf16: true}; how training stores "
         "and computes weights (it sets the Trainer's precision); recorded so that a checkpoint says how it was made",
         module=False)
+    quant: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "inference-time quantization per model part, e.g. {encoder: w8a8, llm: {name: w4a16, method: awq}}; "
+               "empty: none. Written by `nvila quantize`; a quantized model serves, it does not train"})
     max_length: int = field(default=2048, metadata={"doc": "longest tokenized sample, visual tokens included"})
     image_end: str | None = field(default="\n", metadata={
         "doc": "text whose tokens follow each image's visual tokens, or each tile's when the encoder's tiles are "
@@ -77,7 +80,12 @@ class ModelSpec:
             raise NvilaError(f"Unknown model field(s) {unknown}.{did_you_mean(unknown[0], names)} A model spec has: "
                              f"{', '.join(names)}.")
         slots = cls.slots()
-        return cls(**{k: as_dict(v) if k in slots else v for k, v in spec.items()})
+        values = {k: as_dict(v) if k in slots else v for k, v in spec.items()}
+        if values.get("quant") is not None:
+            values["quant"] = {str(part): as_dict(q) for part, q in as_dict(values["quant"]).items()}
+        else:
+            values.pop("quant", None)
+        return cls(**values)
 
     @classmethod
     def pick(cls, section: Mapping[str, Any]) -> ModelSpec:
@@ -89,16 +97,31 @@ class ModelSpec:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
     def validate(self, registry: Registry | None = None, prefix: str = "") -> None:
-        """Check every slot's spec against its plugin's config; all problems reported at once."""
+        """Check every slot's spec, and each part's quantizer, against its plugin's config; all problems at once."""
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise NvilaError(f"{prefix}max_length must be a whole number of tokens, at least 1; got "
                              f"{self.max_length!r}.")
-        validate_all({f"{prefix}{slot}": (kind, getattr(self, slot)) for slot, kind in self.slots().items()},
-                     registry)
+        _validate({f"{prefix}{slot}": (kind, getattr(self, slot)) for slot, kind in self.slots().items()},
+                  self.quant, registry, prefix)
 
 
 MODEL_PARTS = tuple(f.name for f in fields(ModelSpec) if f.metadata.get("module"))
 """The slots that are submodules of :class:`NvilaModel`, in data-flow order (derived from :class:`ModelSpec`)."""
+
+
+def _validate(specs: dict[str, tuple[str, Any]], quant: Mapping[str, Any], registry: Registry | None,
+              prefix: str) -> None:
+    """Slot specs ``{label: (kind, spec)}`` and a ``quant`` mapping ``{part: quantizer spec}``; all problems at once."""
+    specs = {**specs, **{f"{prefix}quant.{part}": ("quantizer", q) for part, q in quant.items() if part in MODEL_PARTS}}
+    problems = [f"{prefix}quant.{part}: the model has no part '{part}'.{did_you_mean(part, list(MODEL_PARTS))} "
+                f"Its parts: {', '.join(MODEL_PARTS)} (the vision tower is 'encoder')."
+                for part in quant if part not in MODEL_PARTS]
+    try:
+        validate_all(specs, registry)
+    except NvilaError as exc:
+        problems.insert(0, str(exc))
+    if problems:
+        raise NvilaError("\n".join(problems))
 
 
 class NvilaModel(nn.Module):
@@ -138,6 +161,46 @@ class NvilaModel(nn.Module):
             single_image_tiling=self.spec.single_image_tiling)
         self.image_token_id = self.processor.image_token_id
         self.video_token_id = self.processor.video_token_id
+        if self.spec.quant:  # a quantized model: its parts take their quantized form (a checkpoint then fills it)
+            quant, self.spec = self.spec.quant, replace(self.spec, quant={})
+            self.quantize(quant, registry=registry)
+
+    def quantize(self, quant: Mapping[str, Any], calibrate: Calibration | None = None,
+                 registry: Registry | None = None) -> dict[str, list[str]]:
+        """Quantize parts in place, ``{part: quantizer spec}`` (e.g. ``{"encoder": "w8a8", "llm": "w4a16"}``), in
+        data-flow order; returns the layers quantized per part. Each part's full spec goes into ``spec.quant``,
+        so that a checkpoint saved afterwards rebuilds the same quantized model.
+
+        ``calibrate`` runs the model on calibration samples (see :class:`~nvila.core.interfaces.Quantizer`);
+        parts quantized earlier in the order already run quantized while later ones calibrate.
+        """
+        if registry is None:
+            from nvila.core.plugins import default_registry
+
+            registry = default_registry()
+        quant = {str(part): as_dict(q) for part, q in quant.items()}
+        _validate({}, quant, registry, prefix="model.")  # unknown parts and bad specs, all at once
+        again = sorted(set(quant) & set(self.spec.quant))
+        if again:
+            raise NvilaError(f"model.quant: {', '.join(again)} already quantized ({self.spec.quant}); quantize the "
+                             "full-precision checkpoint instead.")
+        self.spec = replace(self.spec, quant=dict(self.spec.quant))  # the caller's spec object stays as it was
+        done = {}
+        for part in (p for p in MODEL_PARTS if p in quant):
+            component, config = resolve("quantizer", quant[part], registry)
+            quantizer = component.factory(config)
+            if not isinstance(quantizer, Quantizer):
+                raise NvilaError(f"model.quant.{part}: {component.origin} is not a Quantizer")
+            try:
+                layers = quantizer.quantize(getattr(self, part), calibrate)
+            except NvilaError as exc:
+                raise NvilaError(f"model.quant.{part}: {exc}") from None
+            if not layers:
+                raise NvilaError(f"model.quant.{part}: {component.origin} found nothing to quantize in the "
+                                 f"{part} ({type(getattr(self, part)).__name__}).")
+            self.spec.quant[part] = to_spec(component, config)
+            done[part] = layers
+        return done
 
     def _text_ids(self, text: str | None) -> list[int]:
         """Token ids of end text (image_end, tile_end, frame_end), embedded by the language model itself."""
@@ -146,7 +209,7 @@ class NvilaModel(nn.Module):
     def visual_tokens(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """Tiles of a batch of images -> their visual tokens in LLM width, image after image: (N, D)."""
         blocks = self.encoder(pixels, grids)  # (M, h, w, C)
-        tokens = self.projector(self._compress(blocks))  # (M, n, D)
+        tokens = self._project(self._compress(blocks))  # (M, n, D)
         return self._stitch(tokens, grids)  # (M*n, D)
 
     def _stitch(self, tokens: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
@@ -168,8 +231,13 @@ class NvilaModel(nn.Module):
             start += rows * cols
         return torch.cat(out)
 
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The projector, given tokens in the dtype it computes in (a quantized vision tower may compute in another)."""
+        return self.projector(tokens.to(_compute_dtype(self.projector, tokens.dtype)))  # (M, n, D)
+
     def _compress(self, blocks: torch.Tensor) -> torch.Tensor:
         """The spatial compressor, held to the token count its output_shape announced: (M, n, C')."""
+        blocks = blocks.to(_compute_dtype(self.compressor, blocks.dtype))
         tokens = self.compressor(blocks)  # (M, n, C')
         if tuple(tokens.shape[1:]) != self._token_shape:  # the placeholders were counted from output_shape
             raise NvilaError(
@@ -188,7 +256,7 @@ class NvilaModel(nn.Module):
         tokens = self._compress(blocks)  # (M, n, C')
         if where == "after-compressor":
             tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, C')
-        tokens = self.projector(tokens)  # (M, n, D)
+        tokens = self._project(tokens)  # (M, n, D)
         if where == "after-projector":
             tokens = self.pool_frames(tokens, video_grids)  # (sum F'*r*c, n, D)
         return tokens.flatten(0, 1)  # (sum F'*r*c*n, D)
@@ -294,6 +362,11 @@ def _build(slot: str, spec: dict[str, Any], registry: Registry | None, **kwargs:
         raise NvilaError(f"model.{slot}: {slot} '{spec.get('name')}' cannot be built from {spec}: "
                          f"{type(exc).__name__}: {detail}. Check its sizes (`nvila plugins --describe "
                          f"{spec.get('name')}` lists its fields).") from None
+
+
+def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a part's first floating-point parameter (``default`` for a part without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
 
 
 def _origin(kind: str, spec: dict[str, Any], registry: Registry | None) -> str:

@@ -19,6 +19,7 @@ KINDS: dict[str, str] = {
     "llm": "the language backbone",
     "pruner": "scores training samples and keeps a fraction",
     "precision": "how weights and activations are stored and computed",
+    "quantizer": "inference-time quantization of one part of a trained model",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 

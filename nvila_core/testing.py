@@ -38,6 +38,7 @@ from nvila.core.interfaces import (
     LanguageModel,
     PrecisionBackend,
     PreparedImage,
+    Quantizer,
     TemporalCompressor,
     VisionEncoder,
 )
@@ -59,6 +60,12 @@ CHECKS: dict[str, str] = {
     "pruner scores": "one finite score per sample, deterministic, independent of the other samples in the batch",
     "kv cache": "a language model's forward_with_cache, prompt then one token at a time, gives the logits of a "
                 "full forward, with left padding",
+    "quantized output": "a quantizer, given a small MLP and calibration inputs, quantizes some of its layers, and "
+                        "its outputs stay within 25% (relative) of full precision",
+    "plain state dict": "a quantized part's state dict holds plain tensors only (no subclasses, no quantized "
+                        "dtypes), before and after it runs, unchanged by running",
+    "quantized round-trip": "a quantized part saved with safetensors loads into a fresh part quantized without "
+                            "calibration, and gives the same outputs",
 }
 """Every check the kit runs, by the name a failure reports."""
 
@@ -260,6 +267,66 @@ def _check_precision(component: Component, config: object) -> None:
             "lightning_precision must be a string")
 
 
+def _check_quantizer(component: Component, config: object) -> None:
+    import copy
+
+    from nvila.core.errors import NvilaError
+
+    with _check(component, "build from defaults"):
+        quantizer = component.factory(config)
+    _expect(isinstance(quantizer, Quantizer), component, "interface", "a quantizer must subclass Quantizer")
+    try:
+        quantizer.check_available(torch.device("cpu"))
+    except NvilaError as exc:
+        warnings.warn(f"{component.origin} does not run on this CPU, so only its config and build were checked: {exc}",
+                      UserWarning, stacklevel=3)
+        return
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).eval()
+
+    torch.manual_seed(0)
+    original, inputs, calibration = mlp(), torch.randn(4, 256), [torch.randn(16, 256) for _ in range(2)]
+    part = copy.deepcopy(original)
+    with torch.no_grad(), _check(component, "forward on tiny CPU inputs"):
+        reference = original(inputs)  # (4, 256)
+        layers = quantizer.quantize(part, lambda: [part(x) for x in calibration])
+    with _check(component, "plain state dict"):
+        before = part.state_dict()
+    _plain_state(component, before)
+    before = {k: v.clone() for k, v in before.items()}
+    with torch.no_grad(), _check(component, "forward on tiny CPU inputs"):
+        out = part(inputs)
+    names = {name for name, _ in original.named_modules()}
+    _expect(isinstance(layers, list) and bool(layers) and set(layers) <= names, component, "quantized output",
+            f"quantize() must return the names of the layers it quantized (some of {sorted(names - {''})}), "
+            f"got {layers!r}")
+    _expect(_shape(out) == (4, 256) and bool(torch.isfinite(out).all()), component, "quantized output",
+            f"the quantized part gave {_shape(out)} (or non-finite values) for (4, 256) inputs")
+    error = float((out.float() - reference).norm() / reference.norm())
+    _expect(error < 0.25, component, "quantized output", f"relative error {error:.3f} against full precision")
+    with _check(component, "plain state dict"):
+        after = part.state_dict()
+    _plain_state(component, after)
+    _expect(before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), component,
+            "plain state dict", "the state dict changed when the part ran (packing must be exactly reversible)")
+    with _check(component, "quantized round-trip"), tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        path = str(Path(tmp) / "part.safetensors")
+        save_model(part, path)
+        fresh = mlp()
+        component.factory(config).quantize(fresh, None)
+        load_model(fresh, path, strict=True)
+        again = fresh(inputs)
+    _expect(torch.equal(again, out), component, "quantized round-trip",
+            f"outputs differ by {(again.float() - out.float()).abs().max().item():.2e} after save and load")
+
+
+def _plain_state(component: Component, state: dict) -> None:
+    odd = [k for k, v in state.items() if type(v) is not torch.Tensor or v.is_quantized]
+    _expect(not odd, component, "plain state dict", f"entries {odd} are not plain tensors: safetensors cannot hold "
+            "them, and loading them would need unpickling")
+
+
 KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {
     "encoder": _check_encoder,
     "compressor": _check_compressor,
@@ -267,6 +334,7 @@ KIND_CHECKS: dict[str, Callable[[Component, object], object]] = {
     "projector": _check_projector,
     "llm": _check_llm,
     "precision": _check_precision,
+    "quantizer": _check_quantizer,
 }
 """The kind-specific checks (pruners have their own, below); other kinds get the config checks and a warning."""
 

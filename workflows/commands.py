@@ -242,6 +242,63 @@ def _chat(args: argparse.Namespace, rest: list[str]) -> None:
     run(args)
 
 
+# -- quantize -------------------------------------------------------------------------------------------------
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="full-precision checkpoint directory (written by nvila fit)")
+    parser.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    spec = "quantizer name (w8a8, w4a16) or inline spec, e.g. \"{name: w4a16, method: rtn}\""
+    parser.add_argument("--vision", "--encoder", dest="encoder", metavar="SPEC", help=f"vision tower: {spec}")
+    parser.add_argument("--projector", metavar="SPEC", help=f"projector: {spec}")
+    parser.add_argument("--llm", metavar="SPEC", help=f"language model: {spec}")
+    parser.add_argument("--calib", metavar="SHARDS", help="shards to draw calibration samples from (AWQ needs them)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration samples drawn from --calib")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+
+
+def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
+    from nvila.workflows.prune import parse_pruner as parse_spec  # a name or an inline YAML spec -> a spec dict
+    from nvila.workflows.quantize import quantize_checkpoint
+
+    quant = {part: parse_spec(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    report = quantize_checkpoint(args.ckpt, args.out, quant, args.calib, args.calib_samples, args.seed)
+    print(report.summary())
+
+
+def _bench_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    # quant_bench.SUITES, named here so that `nvila --help` does not import torch
+    suites = ("machine", "ttft", "decode", "peer", "quality", "qlora")
+    parser.add_argument("suites", nargs="+", choices=suites, metavar="SUITE",
+                        help=f"one or more of {', '.join(suites)} (the machine's limits are always measured first)")
+    parser.add_argument("--size", choices=["demo", "mid"], default="mid")
+    parser.add_argument("--images", nargs="+", default=["896x896", "1920x1080"], metavar="WxH")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per figure (the best is kept)")
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on a shared machine)")
+    parser.add_argument("--calib", metavar="SHARDS", help="quality: shards to calibrate AWQ on")
+    parser.add_argument("--held-out", metavar="SHARDS", help="quality: held-out shards to compare answers on")
+    parser.add_argument("--ckpt", help="quality: a trained checkpoint (the demo's) instead of random weights")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=32, help="quality: held-out conversations compared")
+    parser.add_argument("--eval-limit", type=int, default=200, help="quality: held-out questions answered")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def _bench_quant(args: argparse.Namespace, rest: list[str]) -> None:
+    import json
+
+    import torch
+
+    from nvila.workflows.quant_bench import as_dicts, machine, markdown, run_suites
+
+    torch.set_num_threads(args.threads)
+    rows = run_suites(args.suites, args.size, [parse_image_size(i) for i in args.images], args.repeats, args.tokens,
+                      args.calib, args.held_out, args.ckpt, args.calib_samples, args.samples, args.eval_limit)
+    print(f"Machine: {machine()}\n")
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": as_dicts(rows)}, indent=1))
+
+
 # -- plan -----------------------------------------------------------------------------------------------------
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, action="append",
@@ -318,6 +375,10 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
                     "(no weights needed)", _plan, _plan_arguments, passes_through=True,
                     description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
+    "quantize": Command("quantize a checkpoint for serving: W8A8 vision tower, W4A16 language model (AWQ)",
+                        _quantize, _quantize_arguments),
+    "bench-quant": Command("measure quantized inference: machine limits, time to first token, decode, the "
+                           "LLaVA-OneVision peer, quality", _bench_quant, _bench_quant_arguments),
     "generate": Command("answer a question about images or a video, streaming the answer token by token",
                         _generate, _generate_arguments),
     "convert": Command("convert a checkpoint between the released NVILA layout and nvila's", _convert,

@@ -73,6 +73,9 @@ class NvilaModule(L.LightningModule):
         self.spec, self.settings = spec, settings or TrainingSettings()
         self.save_hyperparameters({**spec.to_dict(), **asdict(self.settings)})
         self.spec.validate(prefix="model.")
+        if self.spec.quant:
+            raise NvilaError(f"model.quant ({', '.join(self.spec.quant)}) is for serving: a quantized model does not "
+                             "train. Train in full precision, then run `nvila quantize` on the checkpoint.")
         train = self.settings
         if train.loss not in OBJECTIVES:
             raise NvilaError(f"model.loss '{train.loss}' is unknown.{did_you_mean(train.loss, list(OBJECTIVES))} "

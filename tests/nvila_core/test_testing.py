@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nvila.compressors.identity import IdentityConfig
-from nvila.core.interfaces import Compressor
+from nvila.core.interfaces import Compressor, Quantizer
 from nvila.core.registry import Registry
 from nvila.core.testing import ContractError, check_component
 
@@ -46,3 +46,43 @@ def test_the_kit_refuses_broken_compressors(factory, message):
     registrar.commit()
     with pytest.raises(ContractError, match=message):
         check_component(registry.get("compressor", "broken"), registry)
+
+
+class ZeroingQuantizer(Quantizer):
+    """'Quantizes' by zeroing every weight: the outputs are nothing like full precision."""
+
+    def __init__(self, config):
+        pass
+
+    def quantize(self, part, calibrate=None):
+        names = [n for n, m in part.named_modules() if isinstance(m, torch.nn.Linear)]
+        for m in part.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data.zero_()
+        return names
+
+
+class TorchAoQuantizer(Quantizer):
+    """torch.ao's dynamic int8 modules: fast, but their state dict holds quantized tensors (pickled to save)."""
+
+    def __init__(self, config):
+        pass
+
+    def quantize(self, part, calibrate=None):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(part, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        return ["0", "2"]
+
+
+@pytest.mark.parametrize("factory,message", [(ZeroingQuantizer, "'quantized output' check: relative error"),
+                                             (TorchAoQuantizer, "'plain state dict' check")])
+def test_the_kit_refuses_broken_quantizers(factory, message):
+    registry = Registry()
+    registrar = registry.registrar("broken-plugin", "0.1")
+    registrar.add("quantizer", "broken", factory, IdentityConfig)
+    registrar.commit()
+    with pytest.raises(ContractError, match=message):
+        check_component(registry.get("quantizer", "broken"), registry)

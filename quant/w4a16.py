@@ -1,0 +1,384 @@
+"""W4A16: int4 weights in groups, 16-bit activations, for the language model (NVILA's decode half).
+
+Decoding reads every weight once per token, so it is bound by memory bandwidth: 4-bit weights (with one
+16-bit scale and zero per group of 128 input channels, 4.25 bits a weight) read about 3.8x fewer bytes than
+bf16. Scales come from AWQ calibration (``method: awq``, the default, on activations of samples drawn from
+shards; see ``nvila.quant.awq``) or from plain round-to-nearest (``method: rtn``, no data needed).
+
+Values follow tinygemm's convention, ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. The checkpoint holds
+them as plain tensors (two values a byte); the layer packs them for its device's kernel on first use
+(API notes, section 3): torchao's ``Int4OpaqueTensor`` on CPUs (``PrototypeInt4WeightOnlyConfig``'s layout),
+the tile-packed tinygemm layout on CUDA GPUs of compute capability 8.0 or higher. ``kernel: reference``
+dequantizes at every call instead: slow, but it runs on any device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
+
+log = logging.getLogger(__name__)
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("awq", "rtn")
+KERNELS = ("auto", "cpu", "cuda", "reference")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class W4A16Config:
+    """int4 weights in groups (16-bit scale and zero per group), 16-bit activations."""
+
+    group_size: int = 128
+    """Input channels sharing one scale and zero (32, 64 or 128); it must divide every quantized layer's width."""
+    method: str = "awq"
+    """'awq': activation-aware scales and clipping searched on calibration samples; 'rtn': round to nearest."""
+    kernel: str = "auto"
+    """'auto' (CPU: torchao's CPU int4; CUDA: tinygemm's tile-packed int4), 'cpu', 'cuda', or 'reference'
+    (dequantizes at every call: any device, slow)."""
+    dtype: str = "bf16"
+    """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Linear layers kept in 16 bits: fnmatch patterns on the qualified name or its last part (AWQ keeps the
+    output layer, which small models tie to the input embedding)."""
+    dense_rows: int = 256
+    """On CPUs, a call with at least this many rows (a long prefill) dequantizes the layer to bf16 and runs one dense
+    matmul, which beats the int4 kernel there from a few hundred rows on (the int4 kernel is made for decoding);
+    0 keeps the int4 kernel for every call."""
+    calib_rows: int = 256
+    """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
+    awq_grid: int = 20
+    """Steps of AWQ's search over the scale exponent in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.group_size not in GROUP_SIZES:
+            problems.append(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (the int4 kernels' group "
+                            f"sizes), got {self.group_size}")
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.kernel not in KERNELS:
+            problems.append(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.calib_rows < 1 or self.awq_grid < 1 or self.dense_rows < 0:
+            problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel that runs W4A16 on ``device``: ``kernel`` itself unless 'auto'; NvilaError naming the alternative."""
+    if kernel == "auto":
+        if device.type not in ("cpu", "cuda"):
+            raise NvilaError(f"W4A16 has no int4 kernel for {device.type} devices (torchao has them for CPUs and CUDA "
+                             "GPUs of compute capability 8.0+). Set `kernel: reference` to dequantize at every call "
+                             "(slow, any device), or serve on a CPU or a CUDA GPU.")
+        kernel = device.type
+    if kernel == "cpu" and device.type != "cpu":
+        raise NvilaError(f"W4A16 kernel 'cpu' runs on CPUs, not on {device}; use kernel 'auto'.")
+    if kernel == "cuda":
+        if device.type != "cuda" or not torch.cuda.is_available():
+            found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+            raise NvilaError(f"W4A16 kernel 'cuda' (tinygemm int4) needs a CUDA GPU of compute capability 8.0 or "
+                             f"higher (A100, L4, H100, ...); this runs on {device} and the machine has {found}. Use "
+                             "kernel 'auto' (torchao's CPU int4 on a CPU) or 'reference' (any device, slow).")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            raise NvilaError(f"W4A16 kernel 'cuda' (tinygemm int4) needs compute capability 8.0 or higher; "
+                             f"{torch.cuda.get_device_name(device)} has {capability}. Use kernel 'reference'.")
+    if kernel in ("cpu", "cuda") and dtype != torch.bfloat16:
+        raise NvilaError(f"W4A16's int4 kernels take bf16 activations, not {dtype}; set dtype 'bf16', or kernel "
+                         "'reference' for fp16.")
+    return kernel
+
+
+# -- int4 values ---------------------------------------------------------------------------------------------
+def quantize_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
+                    clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group: ``weight`` (N, K) -> values (N, K) uint8 in 0..15, scales and zeros (N, K/group).
+
+    ``clip`` (one ratio, or one per group) first clamps each group to that fraction of its largest magnitude
+    (AWQ's clipping). Values are rounded against the scale and zero as stored (in ``dtype``), so that
+    dequantizing reproduces exactly what the kernel computes with.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)  # (N, G, g)
+    if not (isinstance(clip, float) and clip == 1.0):
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        limit = w.abs().amax(-1, keepdim=True) * (clip[..., None] if clip.ndim else clip)  # (N, G, 1)
+        w = torch.maximum(torch.minimum(w, limit), -limit)
+    low, high = w.amin(-1), w.amax(-1)  # (N, G)
+    scale = ((high - low) / 15).clamp(min=1e-6).to(dtype)  # (N, G)
+    zero = (low + scale.float() * 8).to(dtype)  # (N, G): the value of q = 8
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # (N, G, g)
+    return q.reshape(n, k).to(torch.uint8), scale, zero
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Values (N, K) and per-group scales and zeros (N, G) -> weights (N, K) in the scales' dtype."""
+    n, k = q.shape
+    groups = scale.shape[1]
+    w = (q.reshape(n, groups, k // groups).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return w.reshape(n, k).to(scale.dtype)
+
+
+def fake_quant(group_size: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
+    """Quantize-then-dequantize in float32, as AWQ's search needs it: the values of :func:`quantize_groups` and
+    :func:`dequantize_groups` (before the final rounding to ``dtype``), in fewer passes over the weight."""
+    def run(weight: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
+        n, k = weight.shape
+        w = weight.float().reshape(n, k // group_size, group_size)  # (N, G, g)
+        if not (isinstance(clip, float) and clip == 1.0):
+            clip = torch.as_tensor(clip, dtype=torch.float32)
+            limit = w.abs().amax(-1, keepdim=True) * (clip[..., None] if clip.ndim else clip)  # (N, G, 1)
+            w = torch.maximum(torch.minimum(w, limit), -limit)
+        low, high = torch.aminmax(w, dim=-1, keepdim=True)  # (N, G, 1)
+        scale = ((high - low) / 15).clamp_(min=1e-6).to(dtype).float()
+        zero = (low + scale * 8).to(dtype).float()
+        q = (w - zero).div_(scale).round_().add_(8).clamp_(0, 15)  # (N, G, g)
+        return q.sub_(8).mul_(scale).add_(zero).reshape(n, k)
+
+    return run
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Values (N, K) in 0..15 -> (N, K/2) uint8, column 2j in the low nibble and 2j+1 in the high one."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> values (N, K) uint8: the inverse of :func:`pack_nibbles`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def unpack_by_probe(pack: Callable[[torch.Tensor], torch.Tensor], packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Invert a kernel's int4 packing without knowing its layout: values (N, K) uint8 back from ``packed``.
+
+    Kernels pack int4 values into bytes in their own (ISA- and device-specific) order. Packing the base-16
+    digits of each element's index with the same function tells where each element went; the nibbles of
+    ``packed`` are then put back at their sources. Packing must only move 4-bit values, which is checked.
+    """
+    device = packed.device
+    index = torch.arange(1, n * k + 1, device=device, dtype=torch.int64).reshape(n, k)  # 0 marks padding
+    source = torch.zeros(packed.numel() * 2, dtype=torch.int64, device=device)
+    for digit in range(math.ceil(math.log(n * k + 1, 16))):
+        probe = pack(((index >> (4 * digit)) & 15).to(torch.int32))
+        source += _nibbles(probe).long() << (4 * digit)
+    real = source > 0
+    out = torch.empty(n * k, dtype=torch.uint8, device=device)
+    if int(real.sum()) != n * k:
+        raise NvilaError(f"cannot unpack an int4 weight ({n}x{k}): its kernel's packing is not a nibble permutation")
+    out[source[real] - 1] = _nibbles(packed)[real]
+    return out.reshape(n, k)
+
+
+@functools.cache
+def cpu_layout(n: int) -> list[tuple[int, int, torch.Tensor]]:
+    """How the CPU int4 kernel lays out ``n`` output rows: ``(first row, rows, order)`` per block of rows.
+
+    torch packs each block of rows (64 with AVX-512, 32 with AVX2, a shorter last block) column after column,
+    each column of a block as ``rows / 2`` bytes whose nibbles hold the block's rows in ``order`` (an
+    ISA-specific interleaving). The orders are learnt by packing row numbers with the kernel itself.
+    """
+    digits = max(1, math.ceil(math.log(n, 16)))
+    rows = torch.arange(n, dtype=torch.int64)[:, None].expand(n, 2)  # (N, 2): two columns, the fewest it packs
+    found = torch.zeros(2 * n, dtype=torch.int64)
+    for digit in range(digits):
+        found += _nibbles(_cpu_pack(((rows >> (4 * digit)) & 15).to(torch.int32))).long() << (4 * digit)
+    blocks, at = [], 0
+    while at < 2 * n:
+        start = int(found[at])
+        again = (found[at + 1:] == found[at]).nonzero()  # column 1 of the block starts with the same row
+        size = int(again[0]) + 1 if len(again) else 0
+        order = found[at:at + size] - start
+        if size == 0 or not torch.equal(order.sort().values, torch.arange(size)):
+            raise NvilaError("cannot read the CPU int4 kernel's packed layout: it does not pack blocks of rows column "
+                             "by column")
+        blocks.append((start, size, order))  # column 0's nibbles: the block's rows, in the kernel's order
+        at += 2 * size  # the probe has two columns
+    return blocks
+
+
+def _cpu_pack(q: torch.Tensor) -> torch.Tensor:
+    from nvila.quant._torchao import int4_cpu_pack
+
+    return int4_cpu_pack(q)
+
+
+def unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Values (N, K) uint8 from the CPU kernel's packed bytes, with reshapes and one gather per kind of block."""
+    _check_cpu_layout(n, k)
+    return _unpack_cpu(packed, n, k)
+
+
+@functools.cache
+def _check_cpu_layout(n: int, k: int) -> None:
+    """Once per shape: random values packed by the kernel come back from :func:`_unpack_cpu` unchanged."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    if not torch.equal(_unpack_cpu(_cpu_pack(q), n, k).int(), q):
+        raise NvilaError(f"this torch's CPU int4 packing of a {n}x{k} weight is not the one nvila reads; set W4A16's "
+                         "`kernel: reference` (or report the torch version, so that nvila learns its layout).")
+
+
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nibbles = _nibbles(packed)
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    at = 0
+    layout = cpu_layout(n)
+    i = 0
+    while i < len(layout):
+        start, size, order = layout[i]
+        same = 1  # full blocks share one order: take them together
+        while i + same < len(layout) and layout[i + same][1] == size and torch.equal(layout[i + same][2], order):
+            same += 1
+        count = same * k * size
+        values = nibbles[at:at + count].reshape(same, k, size)  # (blocks, K, rows in the kernel's order)
+        rows = values.index_select(2, order.argsort())  # (blocks, K, rows in order)
+        out[start:start + same * size] = rows.transpose(1, 2).reshape(same * size, k)
+        at += count
+        i += same
+    return out
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.reshape(-1).to(torch.uint8)
+    return torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)  # (2 * bytes,)
+
+
+# -- the layer -----------------------------------------------------------------------------------------------
+class Int4WeightOnlyLinear(PackedLinear):
+    """``y = (x * input_scale) @ dequant(W_int4)^T + b`` in 16 bits; ``input_scale`` is AWQ's 1/s (absent for RTN)."""
+
+    PACKED = ("qweight", "scales", "zeros")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 input_scale: torch.Tensor | None, bias: torch.Tensor | None, kernel: str = "auto",
+                 dense_rows: int = 0) -> None:
+        super().__init__(qweight.shape[1] * 2, qweight.shape[0])
+        self.register_buffer("qweight", qweight)  # (N, K/2) uint8, two values a byte
+        self.register_buffer("scales", scales)  # (N, K/group), 16-bit
+        self.register_buffer("zeros", zeros)  # (N, K/group), 16-bit
+        self.register_buffer("input_scale", input_scale)  # (K,) 16-bit, or None
+        self.register_buffer("bias", bias)  # (N,) 16-bit, or None
+        self.kernel, self.dense_rows = kernel, dense_rows
+        self.group_size = self.in_features // scales.shape[1]
+        self._running: str | None = None  # the kernel, and the activations' dtype, of the packed form
+        self._dtype = scales.dtype
+
+    def pack(self, plain: dict[str, torch.Tensor]) -> Any:
+        q, scales, zeros = unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"]
+        kernel = pick_kernel(self.kernel, q.device)  # the int4 kernels compute in bf16 whatever the scales are in
+        self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
+        if kernel == "reference":
+            return {"q": q, "scale": scales, "zero": zeros}
+        from nvila.quant import _torchao
+
+        make = _torchao.int4_cpu if kernel == "cpu" else _torchao.int4_cuda
+        return make(q.to(torch.int32), scales.to(torch.bfloat16), zeros.to(torch.bfloat16), self.group_size)
+
+    def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
+        n, k = self.out_features, self.in_features
+        if self._running == "reference":
+            q, scales, zeros = packed["q"], packed["scale"], packed["zero"]
+        else:
+            from nvila.quant import _torchao
+
+            if self._running == "cpu":
+                q = unpack_cpu(packed.qdata, n + (-n % _torchao.CPU_ROWS), k)[:n]
+            else:
+                k_pad, n_pad = -k % 1024, -n % 8
+                q = unpack_by_probe(lambda d: _torchao.int4_cuda_pack(nn.functional.pad(d, (0, k_pad, 0, n_pad))),
+                                    packed.qdata, n, k)
+            scales, zeros = self._scales_and_zeros(packed)
+        return {"qweight": pack_nibbles(q), "scales": scales.contiguous(), "zeros": zeros.contiguous()}
+
+    def _scales_and_zeros(self, packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = packed.scale_and_zero.transpose(0, 1)  # (N', G', 2), padded
+        groups = self.in_features // self.group_size
+        return pairs[:self.out_features, :groups, 0], pairs[:self.out_features, :groups, 1]
+
+    def dense_weight(self, packed: Any) -> torch.Tensor:
+        """The CPU-packed weight as a dense (N, K) bf16 matrix (each value rounded to bf16, as a bf16 GEMM reads it)."""
+        n, k = self.out_features, self.in_features
+        q = unpack_cpu(packed.qdata, n + (-n % 16), k)[:n]  # (N, K) uint8
+        scales, zeros = self._scales_and_zeros(packed)  # (N, G) bf16
+        groups = scales.shape[1]
+        w = (q.reshape(n, groups, k // groups).to(torch.bfloat16) - 8) * scales[..., None] + zeros[..., None]
+        return w.reshape(n, k)
+
+    def matmul(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        x = x.to(self._dtype)
+        if self.input_scale is not None:
+            x = x * self.input_scale  # (..., K): AWQ's 1/s, the inverse of the scale folded into the weight
+        if isinstance(packed, dict):  # the reference kernel
+            weight = dequantize_groups(**packed).to(x.dtype)
+        elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
+            weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
+        elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch
+            from nvila.quant._torchao import int4_cpu_mm
+
+            y = int4_cpu_mm(x.reshape(-1, self.in_features), packed)[:, :self.out_features]  # (M, N)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
+        else:
+            weight = packed
+        return nn.functional.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+# -- the quantizer -------------------------------------------------------------------------------------------
+class W4A16(Quantizer):
+    """int4 weights (groups of 128, AWQ or round-to-nearest) and 16-bit activations for a part's linear layers."""
+
+    def __init__(self, config: W4A16Config) -> None:
+        self.config = config
+        self.calibrates = config.method == "awq"
+        self.dtype = DTYPES[config.dtype]
+        self.last_search: dict[str, Any] = {}
+        """AWQ's outcome per layer after :meth:`quantize` (alpha, clip, output errors), for reports."""
+
+    def check_available(self, device: torch.device) -> None:
+        pick_kernel(self.config.kernel, torch.device(device), self.dtype)
+
+    def quantize(self, part: nn.Module, calibrate: Calibration | None = None) -> list[str]:
+        from nvila.quant import awq
+
+        config = self.config
+        layers = linear_layers(part, config.skip)
+        check_widths(layers, config.group_size, "group_size", "W4A16")
+        stats = {}
+        if config.method == "awq" and calibrate is not None:
+            stats = awq.collect(part, layers, calibrate, config.calib_rows)
+        elif config.method == "awq":
+            log.info("W4A16 AWQ without calibration: unit scales (round to nearest); a checkpoint fills the real ones")
+        self.last_search = {}
+        for name, layer in layers.items():
+            weight, input_scale, clip = layer.weight.detach().float(), None, 1.0
+            if config.method == "awq":
+                input_scale = torch.ones(layer.in_features, dtype=self.dtype)
+                if name in stats:
+                    found = awq.search(weight, stats[name], fake_quant(config.group_size, self.dtype),
+                                       config.group_size, grid=config.awq_grid)
+                    self.last_search[name] = found
+                    input_scale = (1 / found.scale).to(self.dtype)  # (K,) as stored, and the scale it undoes:
+                    weight = weight / input_scale.float()  # W * s, with s exactly 1 / input_scale
+                    clip = found.clip
+            q, scales, zeros = quantize_groups(weight, config.group_size, self.dtype, clip)
+            bias = layer.bias.detach().to(self.dtype).clone() if layer.bias is not None else None
+            replace_layer(part, name, Int4WeightOnlyLinear(pack_nibbles(q), scales, zeros, input_scale, bias,
+                                                           config.kernel, config.dense_rows))
+        for param in part.parameters():  # the rest (embeddings, norms, the output layer) computes in 16 bits too
+            if param.is_floating_point():
+                param.data = param.data.to(self.dtype)
+        return list(layers)

@@ -1,0 +1,192 @@
+"""W8A8: int8 weights and int8 activations quantized on the fly, for the vision tower (NVILA's prefill half).
+
+With token compression the vision encoder does most of the work before the first token, and it is
+compute-bound: int8 matrix units do it at up to 4x the fp32 rate. Weights are int8 per output channel
+(symmetric, scale = max |w| / 127); activations are quantized per call, so no calibration is needed.
+
+The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila quantize
+--bench``): on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles
+(Sapphire Rapids and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at
+one row, 1.6x at 256 rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU,
+25x slower than fp32 at 256 rows, so ``auto`` never picks it there; ``kernel: torchao`` asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvila.core.errors import NvilaError
+from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant.packed_linear import PackedLinear, linear_layers, replace_layer
+
+log = logging.getLogger(__name__)
+KERNELS = ("auto", "onednn", "fbgemm", "torchao")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class W8A8Config:
+    """int8 weights (per output channel) and int8 activations (quantized at run time)."""
+
+    kernel: str = "auto"
+    """'auto' picks by device (CPU with AMX: onednn; other x86 CPUs: fbgemm; CUDA: torchao), or name one of
+    onednn, fbgemm (CPU, torch.ao dynamic int8) or torchao (any device; slow on CPUs)."""
+    dtype: str = "auto"
+    """What the part's other layers (attention, norms, embeddings) compute in: 'fp32', 'bf16', or 'auto': bf16
+    where this CPU has bf16 matrix instructions (AVX512-BF16, AMX), else fp32 (bf16 is 6.7x slower than fp32
+    without them: API notes, section 4)."""
+    skip: list[str] = field(default_factory=list)
+    """Linear layers left in full precision: fnmatch patterns on the qualified name or its last part."""
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+
+
+def cpu_has(feature: str) -> bool:
+    """Whether this CPU has ``amx`` (AMX tiles), ``vnni`` (int8 dot products) or ``bf16`` (AVX512-BF16), by
+    torch's own probes."""
+    probe = {"amx": "_is_amx_tile_supported", "vnni": "_is_vnni_supported", "bf16": "_is_avx512_bf16_supported"}[
+        feature]
+    try:
+        return bool(getattr(torch.cpu, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def pick_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel that runs W8A8 on ``device``: ``kernel`` itself unless it is 'auto'; NvilaError if unavailable."""
+    if kernel == "auto":
+        if device.type == "cuda":
+            return "torchao"
+        if device.type == "cpu":
+            return "onednn" if cpu_has("amx") else "fbgemm" if is_x86() else "onednn"
+        raise NvilaError(f"W8A8 has no kernel for {device.type} devices: it runs on CPUs (torch.ao dynamic int8) and "
+                         "CUDA GPUs (torchao). Set `kernel: torchao` to try torchao's portable path there, or serve "
+                         "the vision tower unquantized (drop quant.encoder).")
+    if kernel in ("onednn", "fbgemm"):
+        if device.type != "cpu":
+            raise NvilaError(f"W8A8 kernel '{kernel}' runs on CPUs only, not on {device}; use kernel 'auto' or "
+                             "'torchao' there.")
+        if kernel not in torch.backends.quantized.supported_engines:
+            raise NvilaError(f"W8A8 kernel '{kernel}' is not built into this torch (quantized engines: "
+                             f"{', '.join(torch.backends.quantized.supported_engines)}); use kernel 'auto'.")
+        if kernel == "fbgemm" and not is_x86():
+            raise NvilaError("W8A8 kernel 'fbgemm' needs an x86 CPU; use 'onednn' (or 'auto') on this one.")
+    if kernel == "torchao" and device.type == "cuda" and not torch.cuda.is_available():
+        raise NvilaError("W8A8 on CUDA needs a CUDA GPU, and this machine has none; serve on the CPU (kernel 'auto').")
+    return kernel
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """torch's quantized engine set to ``engine`` while weights are packed for it (packed weights keep their engine)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+class Int8DynamicLinear(PackedLinear):
+    """``y = quant(x) @ W_int8^T * scales + b``, activations quantized to int8 per call."""
+
+    PACKED = ("weight", "weight_scale")
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 kernel: str = "auto") -> None:
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.register_buffer("weight", weight)  # (N, K) int8
+        self.register_buffer("weight_scale", weight_scale)  # (N,) float32
+        self.register_buffer("bias", bias)  # (N,) or None
+        self.kernel = kernel
+        self._running: str | None = None  # the kernel the packed form is for
+
+    def pack(self, plain: dict[str, torch.Tensor]) -> Any:
+        q, scale = plain["weight"], plain["weight_scale"].float()
+        kernel = pick_kernel(self.kernel, q.device)
+        self._running = kernel
+        if kernel == "torchao":
+            from nvila.quant._torchao import int8_dynamic
+
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+            return int8_dynamic(q, scale, dtype)
+        bias = self.bias.float() if self.bias is not None else None
+        with quantized_engine(kernel), warnings.catch_warnings():
+            # torch deprecates its quantized tensors (pytorch#184982) in favour of torchao, whose CPU int8 is 25x
+            # slower than fp32 (API notes, section 4): keep the fast kernel while torch 2.14 ships it.
+            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(),
+                                                               torch.zeros_like(scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
+        if self._running == "torchao":
+            from nvila.quant._torchao import int8_dynamic_parts
+
+            q, scale = int8_dynamic_parts(packed)
+            return {"weight": q.contiguous(), "weight_scale": scale.float().contiguous()}
+        qweight, _ = torch.ops.quantized.linear_unpack(packed)
+        return {"weight": qweight.int_repr().contiguous(), "weight_scale": qweight.q_per_channel_scales().float()}
+
+    def matmul(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        if self._running == "torchao":
+            return nn.functional.linear(x, packed, self.bias.to(x.dtype) if self.bias is not None else None)
+        rows = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K): the dynamic kernels take fp32
+        # fbgemm without VNNI saturates 8-bit products in 16 bits: quantize activations to 7 bits there
+        reduce_range = self._running == "fbgemm" and not cpu_has("vnni")
+        y = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def nbytes(self) -> int:
+        if self._packed is not None and self._running != "torchao":  # an opaque packed object: count what it holds
+            return self.out_features * (self.in_features + 4) + (self.bias.nbytes if self.bias is not None else 0)
+        return super().nbytes()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight`` (N, K) -> values (N, K) int8 and scales (N,) float32."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)  # (N,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+class W8A8(Quantizer):
+    """int8 weights and dynamically quantized int8 activations for every linear layer of a part (the vision tower)."""
+
+    def __init__(self, config: W8A8Config) -> None:
+        self.config = config
+
+    def check_available(self, device: torch.device) -> None:
+        pick_kernel(self.config.kernel, torch.device(device))
+
+    def quantize(self, part: nn.Module, calibrate: Calibration | None = None) -> list[str]:
+        layers = linear_layers(part, self.config.skip)
+        for name, layer in layers.items():
+            q, scale = quantize_int8(layer.weight)
+            bias = layer.bias.detach().float().clone() if layer.bias is not None else None
+            replace_layer(part, name, Int8DynamicLinear(q, scale, bias, self.config.kernel))
+        dtype = self.config.dtype
+        if dtype == "bf16" or (dtype == "auto" and (cpu_has("bf16") or cpu_has("amx"))):
+            for param in part.parameters():  # the rest of the tower: bf16 matrix units do attention too
+                if param.is_floating_point():
+                    param.data = param.data.to(torch.bfloat16)
+        return list(layers)

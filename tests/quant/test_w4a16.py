@@ -1,0 +1,174 @@
+"""W4A16: int4 groups in tinygemm's convention, stored plain, packed per device, refused clearly where it cannot run."""
+
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from nvila.core.errors import NvilaError
+from nvila.core.specs import SpecError, build
+from nvila.quant._torchao import int4_cpu_pack
+from nvila.quant.w4a16 import (
+    W4A16,
+    Int4WeightOnlyLinear,
+    W4A16Config,
+    dequantize_groups,
+    pack_nibbles,
+    pick_kernel,
+    quantize_groups,
+    unpack_by_probe,
+    unpack_cpu,
+    unpack_nibbles,
+)
+
+
+def mlp(width: int = 256) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, 384), nn.GELU(), nn.Linear(384, width)).eval()
+
+
+def test_group_values_round_to_the_nearest_step_of_their_stored_scale():
+    weight = torch.randn(6, 256)
+    q, scale, zero = quantize_groups(weight, 64, torch.bfloat16)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (6, 4)
+    assert scale.dtype == zero.dtype == torch.bfloat16
+    error = (dequantize_groups(q, scale, zero).float() - weight).reshape(6, 4, 64).abs()
+    assert (error <= scale.float()[..., None] * 0.5 + 1e-2).all()  # half a step (and the bf16 rounding of w)
+
+
+def test_clipping_narrows_each_group_to_a_fraction_of_its_largest_magnitude():
+    weight = torch.zeros(1, 32)
+    weight[0, 0] = 10.0
+    weight[0, 1:] = torch.linspace(-1, 1, 31)
+    q, scale, zero = quantize_groups(weight, 32, torch.float32, clip=torch.tensor([[0.5]]))
+    assert dequantize_groups(q, scale, zero).max() == pytest.approx(5.0, rel=1e-5)
+
+
+def test_nibbles_pack_two_values_a_byte_and_unpack_exactly():
+    q = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.shape == (3, 5)
+    assert torch.equal(packed[:, 0] & 15, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 1])
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (16, 64)])  # full, partial and small blocks of rows
+def test_the_cpu_kernels_packing_is_undone_exactly(shape):
+    n, k = shape
+    q = torch.randint(0, 16, shape, dtype=torch.int32)
+    packed = int4_cpu_pack(q)
+    assert torch.equal(unpack_by_probe(int4_cpu_pack, packed, n, k).int(), q)  # any layout, slowly
+    assert torch.equal(unpack_cpu(packed, n, k).int(), q)  # the layout torch documents, quickly
+
+
+def test_prefill_sized_calls_run_a_dense_bf16_matmul_that_agrees_with_the_int4_kernel():
+    part = mlp()
+    W4A16(W4A16Config(method="rtn", dense_rows=8)).quantize(part)
+    layer, few, many = part[0], torch.randn(1, 4, 256), torch.randn(1, 8, 256)
+    layer(few)  # packs
+    dense = layer(many)
+    layer.dense_rows = 0
+    assert torch.allclose(dense.float(), layer(many).float(), atol=0.02, rtol=0.02)
+    plain = layer.plain()
+    expected = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"])
+    assert torch.allclose(layer.dense_weight(layer._packed).float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_output_widths_the_cpu_kernel_cannot_block_are_padded_and_cut_back(tmp_path):
+    part, x = nn.Sequential(nn.Linear(64, 40)), torch.randn(3, 64)  # 40 rows: not a multiple of 16
+    W4A16(W4A16Config(method="rtn", group_size=32)).quantize(part)
+    before = part.state_dict()["0.qweight"].clone()
+    out = part(x)
+    assert out.shape == (3, 40) and part[0].is_packed
+    assert torch.equal(part.state_dict()["0.qweight"], before)
+
+
+def test_the_cpu_kernel_computes_what_the_int4_values_say():
+    part, x = mlp(), torch.randn(3, 5, 256)
+    reference = part(x)
+    W4A16(W4A16Config(method="rtn")).quantize(part)
+    layer = part[0]
+    plain = layer.plain()
+    expected = nn.functional.linear(x.bfloat16().float(), dequantize_groups(
+        unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"]).float(), layer.bias.float())
+    with torch.no_grad():
+        out = layer(x)
+        whole = part(x)
+    assert layer._running == "cpu" and out.dtype == torch.bfloat16 and out.shape == (3, 5, 384)
+    assert torch.allclose(out.float(), expected, atol=0.02, rtol=0.02)
+    assert (whole.float() - reference).norm() / reference.norm() < 0.15
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_state_dict_is_plain_and_survives_packing_and_reloading(method, tmp_path):
+    part, x = mlp(), torch.randn(4, 256)
+    calibrate = (lambda: part(torch.randn(32, 256))) if method == "awq" else None
+    W4A16(W4A16Config(method=method)).quantize(part, calibrate)
+    before = {k: v.clone() for k, v in part.state_dict().items()}
+    expected = {"0.qweight", "0.scales", "0.zeros", "0.bias", "2.qweight", "2.scales", "2.zeros", "2.bias"}
+    expected |= {"0.input_scale", "2.input_scale"} if method == "awq" else set()
+    assert set(before) == expected and before["0.qweight"].dtype == torch.uint8
+    out = part(x)
+    assert part[0].is_packed
+    after = part.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    save_model(part, str(tmp_path / "w.safetensors"))
+    fresh = mlp()
+    W4A16(W4A16Config(method=method)).quantize(fresh)  # no calibration: unit scales, same keys
+    load_model(fresh, str(tmp_path / "w.safetensors"))
+    assert torch.equal(fresh(x), out)
+
+
+def test_the_reference_kernel_agrees_with_the_cpu_kernel():
+    x = torch.randn(4, 256)
+    cpu, reference = mlp(), mlp()
+    W4A16(W4A16Config(method="rtn")).quantize(cpu)
+    W4A16(W4A16Config(method="rtn", kernel="reference")).quantize(reference)
+    assert torch.allclose(cpu(x).float(), reference(x).float(), atol=0.03, rtol=0.03)
+
+
+def test_the_rest_of_the_part_moves_to_16_bits_but_buffers_stay():
+    part = mlp()
+    part.register_buffer("inv_freq", torch.ones(4))  # like a rotary embedding's, which must stay fp32
+    part.insert(1, nn.LayerNorm(384))
+    W4A16(W4A16Config(method="rtn")).quantize(part)
+    assert part[1].weight.dtype == torch.bfloat16 and part.inv_freq.dtype == torch.float32
+
+
+def test_a_group_size_that_does_not_divide_a_width_is_refused_naming_the_layer():
+    part = nn.Sequential(nn.Linear(256, 96), nn.Linear(96, 8))
+    with pytest.raises(NvilaError, match=r"group_size 128 does not divide .* 1 \(in_features 96\)"):
+        W4A16(W4A16Config()).quantize(part)
+    with pytest.raises(SpecError, match="group_size must be one of 32, 64, 128"):
+        build("quantizer", {"name": "w4a16", "group_size": 100})
+
+
+def test_a_device_without_the_kernel_is_refused_naming_the_alternative():
+    with pytest.raises(NvilaError, match="kernel: reference"):
+        pick_kernel("auto", torch.device("mps"))
+    if not torch.cuda.is_available():
+        with pytest.raises(NvilaError, match="compute capability 8.0.*no CUDA GPU.*'reference'"):
+            W4A16(W4A16Config(kernel="cuda")).check_available(torch.device("cpu"))
+    with pytest.raises(NvilaError, match="bf16 activations"):
+        W4A16(W4A16Config(dtype="fp16")).check_available(torch.device("cpu"))
+    W4A16(W4A16Config(dtype="fp16", kernel="reference")).check_available(torch.device("cpu"))
+
+
+def test_the_output_layer_is_kept_by_default():
+    part = nn.ModuleDict({"body": nn.Linear(128, 128), "lm_head": nn.Linear(128, 512)})
+    assert W4A16(W4A16Config(method="rtn")).quantize(part) == ["body"]
+    assert isinstance(part["body"], Int4WeightOnlyLinear) and type(part["lm_head"]) is nn.Linear
+
+
+@pytest.mark.gpu
+def test_w4a16_runs_tinygemm_on_cuda_and_unpacks_exactly():
+    part, x = mlp(), torch.randn(4, 256)
+    W4A16(W4A16Config(method="rtn")).quantize(part)
+    reference = part(x).float()  # the CPU kernel
+    before = {k: v.clone() for k, v in part.state_dict().items()}
+    part.to("cuda")
+    out = part(x.cuda()).float().cpu()
+    assert part[0]._running == "cuda"
+    assert torch.allclose(out, reference, atol=0.03, rtol=0.03)
+    after = {k: v.cpu() for k, v in part.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,85 @@
+"""`nvila quantize`: a checkpoint in, a quantized checkpoint out that generate and eval take like any other."""
+
+import pytest
+import torch
+from PIL import Image
+
+from nvila.core.checkpoint import load_checkpoint, read_spec, save_checkpoint
+from nvila.core.engine import ChatRequest, Engine
+from nvila.core.errors import NvilaError
+from nvila.core.model import ModelSpec
+from nvila.workflows.commands import main
+from nvila.workflows.quantize import part_bytes, quantize_checkpoint
+
+LLM = "{name: w4a16, group_size: 32}"  # the tiny language model is 32 wide
+RTN = {"name": "w4a16", "group_size": 32, "method": "rtn"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, varied_model):
+    path = tmp_path_factory.mktemp("quantize") / "ckpt"
+    save_checkpoint(varied_model, path)
+    return path
+
+
+def test_nvila_quantize_writes_a_checkpoint_that_generate_and_eval_take(ckpt, synth_data, tmp_path, capsys):
+    out = tmp_path / "w8a8-w4a16"
+    assert main(["quantize", "--ckpt", str(ckpt), "--vision", "w8a8", "--llm", LLM, "--calib",
+                 str(synth_data / "train"), "--calib-samples", "8", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "(8 calibration samples)" in report
+    assert "| encoder | w8a8 | 6 |" in report and "| llm | w4a16 | 7 |" in report
+    spec = read_spec(out)
+    assert spec.quant["llm"]["method"] == "awq" and spec.quant["encoder"]["name"] == "w8a8"
+    assert main(["generate", "--ckpt", str(out), "--prompt", "What color?", "--max-new-tokens", "3"]) == 0
+    assert main(["eval", "--ckpt", str(out), "--shards", str(synth_data / "val"), "--limit", "4",
+                 "--batch-size", "2"]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+
+
+def test_the_report_counts_weight_bytes_per_part(ckpt, tmp_path):
+    report = quantize_checkpoint(ckpt, tmp_path / "q", {"encoder": "w8a8", "llm": RTN})
+    parts = {p.part: p for p in report.parts}
+    assert parts["encoder"].layers == 6 and parts["llm"].layers == 7 and parts["projector"].quantizer is None
+    assert parts["projector"].ratio == 1.0
+    assert parts["encoder"].ratio < 0.7  # its linears drop to a quarter, its embeddings stay
+    model = load_checkpoint(tmp_path / "q")
+    assert part_bytes(model) == {p.part: p.bytes_after for p in report.parts} | {"compressor": 0, "temporal": 0}
+
+
+def test_awq_without_calibration_shards_is_refused_naming_the_quick_option(ckpt, tmp_path):
+    with pytest.raises(NvilaError, match=r"give --calib SHARDS.*method: rtn"):
+        quantize_checkpoint(ckpt, tmp_path / "q", {"llm": {**RTN, "method": "awq"}})
+
+
+def test_a_part_that_does_not_exist_is_refused(ckpt, tmp_path, capsys):
+    assert main(["quantize", "--ckpt", str(ckpt), "--out", str(tmp_path / "q"), "--llm", "w8a8"]) == 0
+    with pytest.raises(NvilaError, match="no part 'vision'"):
+        quantize_checkpoint(ckpt, tmp_path / "q2", {"vision": "w8a8"})
+    with pytest.raises(NvilaError, match="llm already quantized"):
+        quantize_checkpoint(tmp_path / "q", tmp_path / "q3", {"llm": "w8a8"})
+
+
+def test_a_device_without_the_kernel_is_refused_before_any_work(ckpt, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the kernel")
+    assert main(["quantize", "--ckpt", str(ckpt), "--out", str(tmp_path / "q"),
+                 "--llm", "{name: w4a16, group_size: 32, method: rtn, kernel: cuda}"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_quantized_answers_agree_with_full_precision_ones(ckpt, varied_model, tmp_path):
+    quantize_checkpoint(ckpt, tmp_path / "q", {"encoder": "w8a8", "llm": RTN})
+    request = ChatRequest([{"role": "user", "content": "<image>\nWhat color?"}],
+                          images=[Image.new("RGB", (32, 32), (30, 200, 30))])
+    full, quantized = Engine(varied_model), Engine(load_checkpoint(tmp_path / "q"))
+    a = full.prefill(full.inputs([request])).logits
+    b = quantized.prefill(quantized.inputs([request])).logits
+    assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+def test_training_refuses_a_quantized_spec(tiny_spec):
+    from nvila.workflows.module import NvilaModule
+
+    with pytest.raises(NvilaError, match="is for serving"):
+        NvilaModule(ModelSpec.from_dict({**tiny_spec, "quant": {"encoder": "w8a8"}}))
