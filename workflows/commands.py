@@ -8,6 +8,7 @@ User errors (bad specs, missing shards, broken plugins) print one paragraph and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import shlex
 import sys
@@ -192,54 +193,18 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> None:
         print(result.skip_summary())
 
 
-def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    from nvila.workflows.generate import add_arguments
+# -- generate, convert, serve, chat: commands whose module holds add_arguments(parser) and run(args) ----------
+def _in_module(module: str) -> tuple[Callable[[argparse.Namespace, list[str]], None],
+                                     Callable[[argparse.ArgumentParser], None]]:
+    """``(run, arguments)`` of a command that lives in ``module``, imported only when the command is used."""
 
-    add_arguments(parser)
+    def run(args: argparse.Namespace, rest: list[str]) -> None:
+        importlib.import_module(module).run(args)
 
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
 
-def _generate(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.generate import run
-
-    run(args)
-
-
-# -- convert --------------------------------------------------------------------------------------------------
-def _convert_arguments(parser: argparse.ArgumentParser) -> None:
-    from nvila.workflows.convert import add_arguments
-
-    add_arguments(parser)
-
-
-def _convert(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.convert import run
-
-    run(args)
-
-
-# -- serve, chat ----------------------------------------------------------------------------------------------
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from nvila.workflows.serving.cli import add_arguments
-
-    add_arguments(parser)
-
-
-def _serve(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.serving.cli import run
-
-    run(args)
-
-
-def _chat_arguments(parser: argparse.ArgumentParser) -> None:
-    from nvila.workflows.chat import add_arguments
-
-    add_arguments(parser)
-
-
-def _chat(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.chat import run
-
-    run(args)
+    return run, arguments
 
 
 # -- quantize -------------------------------------------------------------------------------------------------
@@ -380,13 +345,13 @@ COMMANDS: dict[str, Command] = {
     "bench-quant": Command("measure quantized inference: machine limits, time to first token, decode, the "
                            "LLaVA-OneVision peer, quality", _bench_quant, _bench_quant_arguments),
     "generate": Command("answer a question about images or a video, streaming the answer token by token",
-                        _generate, _generate_arguments),
-    "convert": Command("convert a checkpoint between the released NVILA layout and nvila's", _convert,
-                       _convert_arguments),
-    "serve": Command("serve a checkpoint behind an OpenAI-compatible HTTP API (streaming, batched)", _serve,
-                     _serve_arguments),
-    "chat": Command("chat with a checkpoint in the terminal, with images and videos, streaming", _chat,
-                    _chat_arguments),
+                        *_in_module("nvila.workflows.generate")),
+    "convert": Command("convert a checkpoint between the released NVILA layout and nvila's",
+                       *_in_module("nvila.workflows.convert")),
+    "serve": Command("serve a checkpoint behind an OpenAI-compatible HTTP API (streaming, batched)",
+                     *_in_module("nvila.workflows.serving.cli")),
+    "chat": Command("chat with a checkpoint in the terminal, with images and videos, streaming",
+                    *_in_module("nvila.workflows.chat")),
     "sweep": Command("train every combination of a grid of spec values; one table of results", _sweep,
                      _sweep_arguments, passes_through=True,
                      description="Train every combination of --grid values (each a plain `nvila fit` command line, "
