@@ -10,7 +10,7 @@ once. Saving, moving or reloading a packed layer first unpacks it, exactly (test
 from __future__ import annotations
 
 import fnmatch
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 from nvila.core.errors import NvilaError
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(nn.Module, ABC):
     """A linear layer ``y = x W^T + b`` whose weight is integers plus scales, packed for its kernel on first use.
 
     ``PACKED`` names the plain buffers that packing consumes; other buffers (bias, an input scale) stay as they are.
@@ -83,32 +83,8 @@ class PackedLinear(nn.Module):
         self.unpack_()  # .to(device) and friends: a layout packed for one device does not move to another
         return super()._apply(fn, recurse)
 
-    def nbytes(self) -> int:
-        """Bytes of the weight and its scales as held now (packed or plain), with bias and input scale."""
-        tensors = list(self._packed_tensors()) + [b for b in self._buffers.values() if b is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def _packed_tensors(self) -> Iterable[torch.Tensor]:
-        if self._packed is None:
-            return []
-        return _inner_tensors(self._packed)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.is_packed}"
-
-
-def _inner_tensors(obj: Any) -> list[torch.Tensor]:
-    """The storage-holding tensors inside a packed weight (a tensor subclass, a tuple, or a plain tensor)."""
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _inner_tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _inner_tensors(o)]
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
-            names, _ = obj.__tensor_flatten__()
-            return [t for n in names for t in _inner_tensors(getattr(obj, n))]
-        return [obj]
-    return []  # an opaque kernel object (fbgemm/oneDNN packed params): counted by its layer instead
 
 
 def linear_layers(part: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Linear]:

@@ -346,7 +346,7 @@ class W4A16(Quantizer):
         self.calibrates = config.method == "awq"
         self.dtype = DTYPES[config.dtype]
         self.last_search: dict[str, Any] = {}
-        """AWQ's outcome per layer after :meth:`quantize` (alpha, clip, output errors), for reports."""
+        """AWQ's outcome per layer after the last :meth:`quantize` (alpha, clipping, output errors), to inspect."""
 
     def check_available(self, device: torch.device) -> None:
         pick_kernel(self.config.kernel, torch.device(device), self.dtype)

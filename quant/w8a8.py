@@ -4,11 +4,15 @@ With token compression the vision encoder does most of the work before the first
 compute-bound: int8 matrix units do it at up to 4x the fp32 rate. Weights are int8 per output channel
 (symmetric, scale = max |w| / 127); activations are quantized per call, so no calibration is needed.
 
-The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila quantize
---bench``): on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles
-(Sapphire Rapids and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at
-one row, 1.6x at 256 rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU,
-25x slower than fp32 at 256 rows, so ``auto`` never picks it there; ``kernel: torchao`` asks for it.
+The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench-quant``):
+on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles (Sapphire Rapids
+and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at one row, 1.6x at 256
+rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU, 25x slower than fp32 at 256
+rows, so ``auto`` never picks it there; ``kernel: torchao`` asks for it.
+
+The CPU kernels take and return fp32. On CPUs with bf16 units the rest of the tower computes in bf16
+(``dtype: auto``), and converting activations around every linear then costs about what int8 saves over a
+bf16 GEMM: there a W8A8 tower beats an fp32 one by 2.5x but not a bf16 one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -154,11 +158,6 @@ class Int8DynamicLinear(PackedLinear):
         reduce_range = self._running == "fbgemm" and not cpu_has("vnni")
         y = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def nbytes(self) -> int:
-        if self._packed is not None and self._running != "torchao":  # an opaque packed object: count what it holds
-            return self.out_features * (self.in_features + 4) + (self.bias.nbytes if self.bias is not None else 0)
-        return super().nbytes()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

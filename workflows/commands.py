@@ -245,6 +245,7 @@ def _bench_quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--samples", type=int, default=32, help="quality: held-out conversations compared")
     parser.add_argument("--eval-limit", type=int, default=200, help="quality: held-out questions answered")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (machine, ttft, decode, peer)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -257,7 +258,8 @@ def _bench_quant(args: argparse.Namespace, rest: list[str]) -> None:
 
     torch.set_num_threads(args.threads)
     rows = run_suites(args.suites, args.size, [parse_image_size(i) for i in args.images], args.repeats, args.tokens,
-                      args.calib, args.held_out, args.ckpt, args.calib_samples, args.samples, args.eval_limit)
+                      args.calib, args.held_out, args.ckpt, args.calib_samples, args.samples, args.eval_limit,
+                      args.device)
     print(f"Machine: {machine()}\n")
     print(markdown(rows))
     if args.json:

@@ -83,11 +83,19 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -119,7 +127,7 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
     return model
 
 
-def variants(base: NvilaModel, names: Sequence[str]) -> dict[str, NvilaModel]:
+def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
     W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), deployed (W8A8 vision, W4A16 language model)."""
     out = {}
@@ -137,7 +145,7 @@ def variants(base: NvilaModel, names: Sequence[str]) -> dict[str, NvilaModel]:
             model.quantize(DEPLOYED)
         elif name != "fp32":
             raise NvilaError(f"unknown configuration '{name}'")
-        out[name] = model
+        out[name] = model.to(device)  # quantized layers pack for the device on their first forward
     return out
 
 
@@ -161,17 +169,17 @@ class Limits:
     """FLOP/s of a large matmul per dtype (fp32, bf16) and of oneDNN's dynamic int8 linear (int8)."""
 
 
-def machine_limits(repeats: int = 5, copy_mib: int = 512, matmul: tuple[int, int, int] = (2048, 4096, 4096)
-                   ) -> tuple[Limits, list[Row]]:
+def machine_limits(repeats: int = 5, copy_mib: int = 512, matmul: tuple[int, int, int] = (2048, 4096, 4096),
+                   device: str = "cpu") -> tuple[Limits, list[Row]]:
     """Memory bandwidth (a large copy, far beyond the caches) and peak matmul throughput per dtype."""
-    bandwidth = _copy_bandwidth(copy_mib * 1024 * 1024 // 4, repeats)
+    bandwidth = _copy_bandwidth(copy_mib * 1024 * 1024 // 4, repeats, device)
     m, k, n = matmul
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         peak[name] = 2 * m * k * n / best_of(lambda a=a, b=b: a @ b, repeats)
-    peak["int8"] = _int8_peak(m, k, n, repeats)
+    peak["int8"] = _int8_peak(m, k, n, repeats, device)
     rows = [Row("machine", f"copy {copy_mib} MiB", "memory bandwidth (read + write)", bandwidth / 1e9, "GB/s")]
     rows += [Row("machine", f"matmul {m}x{k}x{n}", f"peak {name}", flops / 1e9, "GFLOP/s")
              for name, flops in peak.items()]
@@ -179,19 +187,20 @@ def machine_limits(repeats: int = 5, copy_mib: int = 512, matmul: tuple[int, int
     return Limits(bandwidth, peak), rows
 
 
-def _copy_bandwidth(numel: int, repeats: int) -> float:
-    src = torch.ones(numel)
+def _copy_bandwidth(numel: int, repeats: int, device: str = "cpu") -> float:
+    src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
     return 2 * src.nbytes / best_of(lambda: dst.copy_(src), repeats)
 
 
-def _int8_peak(m: int, k: int, n: int, repeats: int) -> float:
+def _int8_peak(m: int, k: int, n: int, repeats: int, device: str = "cpu") -> float:
     """FLOP/s of the W8A8 quantizer's CPU kernel on one large linear (activation quantization included)."""
     from nvila.core.specs import build as build_component
 
     layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
     build_component("quantizer", {"name": "w8a8", "dtype": "fp32"}).quantize(layer)
-    x = torch.randn(m, k)
+    layer.to(device)
+    x = torch.randn(m, k, device=device)
     with torch.no_grad():
         layer(x)
         return 2 * m * k * n / best_of(lambda: layer(x), repeats)
@@ -203,10 +212,11 @@ TTFT_CONFIGS = ("fp32", "w8a8", "bf16", "w8a8-bf16", "deployed")
 
 @torch.no_grad()
 def time_to_first_token(size: str = "mid", images: Sequence[tuple[int, int]] = IMAGES, repeats: int = 2,
-                        configs: Sequence[str] = TTFT_CONFIGS, limits: Limits | None = None) -> list[Row]:
+                        configs: Sequence[str] = TTFT_CONFIGS, limits: Limits | None = None,
+                        device: str = "cpu") -> list[Row]:
     """Time to first token (vision tower + language-model prefill, as ``Engine.prefill`` runs them) per config."""
     base = build(size)
-    models = variants(base, configs)
+    models = variants(base, configs, device)
     del base
     gc.collect()
     engines = {name: Engine(model) for name, model in models.items()}
@@ -220,12 +230,15 @@ def time_to_first_token(size: str = "mid", images: Sequence[tuple[int, int]] = I
         peak = limits.peak["bf16"] if limits is not None else 0.0
         for _ in range(repeats):
             if limits is not None:  # the compute limit, under the same load as the prefills
-                peak = max(peak, machine_limits(1, copy_mib=8)[0].peak["bf16"])
+                peak = max(peak, machine_limits(1, copy_mib=8, device=device)[0].peak["bf16"])
             for name, engine in engines.items():
+                sync()
                 start = time.perf_counter()
                 embeds = engine.embed(inputs[name])
+                sync()
                 vision = time.perf_counter() - start
                 engine.prefill(inputs[name], embeds)
+                sync()
                 total = time.perf_counter() - start
                 best[name] = [min(best[name][0], vision), min(best[name][1], total)]
         case = f"{size} {width}x{height}"
@@ -260,10 +273,10 @@ def time_to_first_token(size: str = "mid", images: Sequence[tuple[int, int]] = I
 # -- decode ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def decode(size: str = "mid", tokens: int = 16, repeats: int = 2, limits: Limits | None = None,
-           configs: Sequence[str] = ("fp32", "bf16", "w4a16")) -> list[Row]:
+           configs: Sequence[str] = ("fp32", "bf16", "w4a16"), device: str = "cpu") -> list[Row]:
     """Decode tokens/s after a short text prompt, and the language model's weight bytes, per configuration."""
     base = build(size)
-    models = variants(base, configs)
+    models = variants(base, configs, device)
     del base
     gc.collect()
     prompt = ChatRequest([{"role": "user", "content": "Describe a picture of a red square on a blue field."}])
@@ -275,13 +288,15 @@ def decode(size: str = "mid", tokens: int = 16, repeats: int = 2, limits: Limits
     best = {name: math.inf for name in models}
     bandwidth = limits.bandwidth if limits is not None else 0.0
     for _ in range(repeats):
-        bandwidth = max(bandwidth, _copy_bandwidth(128 * 1024 * 1024, 1))  # the limit, under the same load
+        bandwidth = max(bandwidth, _copy_bandwidth(128 * 1024 * 1024, 1, device))  # under the same load
         for name, model in models.items():
             engine = Engine(model)
             state = engine.prefill(engine.inputs([prompt]))
+            sync()
             start = time.perf_counter()
             for _ in range(tokens):
                 state = engine.step(state, state.logits.argmax(-1))
+            sync()
             best[name] = min(best[name], (time.perf_counter() - start) / tokens)
     rows = []
     fastest = min((n for n in models if n != "w4a16"), key=lambda n: best[n])
@@ -349,33 +364,34 @@ def build_peer(size: str, tokenizer: Any, seed: int = 0) -> tuple[Any, Any]:
     return model, processor
 
 
-def _peer_inputs(processor: Any, width: int, height: int, dtype: torch.dtype) -> dict[str, Any]:
+def _peer_inputs(processor: Any, width: int, height: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, Any]:
     text = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}],
                                                    tokenize=False, add_generation_prompt=True)  # our prompt
     inputs = dict(processor(images=image(width, height), text=text, return_tensors="pt"))
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
 
 
 @torch.no_grad()
 def peer(size: str = "mid", images: Sequence[tuple[int, int]] = IMAGES[:1], tokens: int = 8,
-         repeats: int = 1) -> list[Row]:
+         repeats: int = 1, device: str = "cpu") -> list[Row]:
     """Ours (bf16, and the deployed W8A8 + W4A16 mix) against LLaVA-OneVision in bf16, same widths and depths:
     visual tokens, time to first token, decode tokens/s, and ours / theirs."""
     base = build(size)
     theirs, processor = build_peer(size, base.tokenizer)
-    theirs = theirs.to(torch.bfloat16)
-    ours = variants(base, ("bf16", "deployed"))
+    theirs = theirs.to(device, torch.bfloat16)
+    ours = variants(base, ("bf16", "deployed"), device)
     del base
     gc.collect()
     engines = {name: Engine(model) for name, model in ours.items()}
     for engine in engines.values():
         engine.prefill(engine.inputs([request(448, 448)]))
-    theirs(**_peer_inputs(processor, 448, 448, torch.bfloat16), logits_to_keep=1)
+    theirs(**_peer_inputs(processor, 448, 448, torch.bfloat16, device), logits_to_keep=1)
     rows = []
     for width, height in images:
         case = f"{size} {width}x{height}"
-        peer_inputs = _peer_inputs(processor, width, height, torch.bfloat16)
+        peer_inputs = _peer_inputs(processor, width, height, torch.bfloat16, device)
         peer_visual = int((peer_inputs["input_ids"] == theirs.config.image_token_index).sum())
         peer_ttft = best_of(lambda inputs=peer_inputs: theirs(**inputs, logits_to_keep=1), repeats)
         peer_decode = _peer_decode(theirs, peer_inputs, tokens)
@@ -387,9 +403,11 @@ def peer(size: str = "mid", images: Sequence[tuple[int, int]] = IMAGES[:1], toke
             visual = int((inputs["input_ids"] == ours[name].image_token_id).sum())
             ttft = best_of(lambda engine=engine, inputs=inputs: engine.prefill(inputs), repeats)
             state = engine.prefill(inputs)
+            sync()
             start = time.perf_counter()
             for _ in range(tokens):
                 state = engine.step(state, state.logits.argmax(-1))
+            sync()
             ours_decode = tokens / (time.perf_counter() - start)
             label = f"{case} nvila {name}"
             rows += [Row("peer", label, "visual tokens", visual, "tokens", "≤ 1/3 of the peer's",
@@ -405,11 +423,13 @@ def peer(size: str = "mid", images: Sequence[tuple[int, int]] = IMAGES[:1], toke
 def _peer_decode(model: Any, inputs: dict[str, Any], tokens: int) -> float:
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     mask = inputs["attention_mask"]
+    sync()
     start = time.perf_counter()
     for _ in range(tokens):
         token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         out = model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
+    sync()
     return tokens / (time.perf_counter() - start)
 
 
@@ -542,23 +562,24 @@ SUITES = ("machine", "ttft", "decode", "peer", "quality", "qlora")
 def run_suites(suites: Sequence[str], size: str = "mid", images: Sequence[tuple[int, int]] = IMAGES,
                repeats: int = 2, tokens: int = 16, calib: str | None = None, held_out_shards: str | None = None,
                ckpt: str | None = None, calib_samples: int = 64, samples: int = 32,
-               eval_limit: int = 200) -> list[Row]:
-    """The machine's limits, then each suite asked for, in order; all rows."""
+               eval_limit: int = 200, device: str = "cpu") -> list[Row]:
+    """The machine's limits, then each suite asked for, in order; all rows. ``device`` "cuda" runs the
+    machine, ttft, decode and peer suites on a GPU (the quantizers pick torchao's CUDA kernels there)."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
         raise NvilaError(f"Unknown suite(s) {unknown}; suites: {', '.join(SUITES)}.")
     if "quality" in suites and not (calib and held_out_shards):
         raise NvilaError("The quality suite calibrates and evaluates on shards: give --calib and --held-out "
                          "(e.g. the train and val folders of `nvila data synth`), and --ckpt for a trained model.")
-    limits, rows = machine_limits()
+    limits, rows = machine_limits(device=device)
     for suite in suites:
         log.warning("bench-quant: %s (%s)", suite, size)
         if suite == "ttft":
-            rows += time_to_first_token(size, images, repeats, limits=limits)
+            rows += time_to_first_token(size, images, repeats, limits=limits, device=device)
         elif suite == "decode":
-            rows += decode(size, tokens, repeats, limits)
+            rows += decode(size, tokens, repeats, limits, device=device)
         elif suite == "peer":
-            rows += peer(size, images, min(tokens, 8))
+            rows += peer(size, images, min(tokens, 8), repeats, device)
         elif suite == "qlora":
             rows += qlora_count()
         elif suite == "quality":  # at mid size one AWQ search takes minutes: the serving mix, AWQ and RTN

@@ -1,7 +1,6 @@
 """The quantized-inference suites run end to end at the demo size and report every figure with its target.
 
-These check that the measuring code works, not how fast anything is (the figures are in docs/benchmarks.md). The
-suites that build several models are marked slow: `pytest -m slow tests/workflows/test_quant_bench.py`."""
+These check that the measuring code works, not how fast anything is (the figures are in docs/benchmarks.md)."""
 
 import pytest
 
@@ -19,7 +18,6 @@ def test_machine_limits_measure_bandwidth_and_peak_per_dtype(limits):
     assert [r.metric for r in rows][0] == "memory bandwidth (read + write)"
 
 
-@pytest.mark.slow
 def test_time_to_first_token_compares_every_configuration(limits):
     rows = qb.time_to_first_token("demo", images=[(96, 64)], repeats=1, limits=limits[0])
     cases = {r.case for r in rows if r.metric == "time to first token"}
@@ -35,7 +33,6 @@ def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     assert by[("demo w4a16", "decode")].value > 0
 
 
-@pytest.mark.slow
 def test_the_peer_is_llava_onevision_with_the_same_widths(limits):
     rows = qb.peer("demo", images=[(128, 128)], tokens=2)
     by = {(r.case, r.metric): r for r in rows}
@@ -44,7 +41,6 @@ def test_the_peer_is_llava_onevision_with_the_same_widths(limits):
     assert by[("demo 128x128 nvila deployed vs peer", "time to first token, speed-up")].target == "≥ 1.6×"
 
 
-@pytest.mark.slow
 def test_quality_compares_awq_and_round_to_nearest(synth_data):
     rows = qb.quality(str(synth_data / "train"), str(synth_data / "val"), size="demo",
                       configs=("w4a16 awq", "w4a16 rtn"), calib_samples=4, samples=2)
