@@ -15,7 +15,7 @@ def test_a_few_steps_reduce_the_loss_and_export_a_checkpoint(synth_data, tmp_pat
         "--trainer.max_steps=100", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=2",
         "--trainer.log_every_n_steps=5",
         "--trainer.enable_progress_bar=false", "--data.batch_size=16", "--data.num_workers=0",
-        "--model.warmup_steps=5",
+        "--model.warmup_steps=5", "--model.lr=2e-3",  # the tiny model, not the demo recipe's lr: 100 steps must tell
         *tiny_overrides,
     ])
     assert cli.trainer.global_step == 100
