@@ -36,6 +36,26 @@ def test_overrides_reach_the_component_specs_as_typed_values(synth_data):
     assert len(cli.model.model.encoder.vision.encoder.layers) == 1
 
 
+def test_the_demo_sees_one_visual_token_per_quadrant_and_its_lr_falls_to_zero_at_the_last_step(synth_data):
+    """What the demo recipe's comments claim (issue 15): 16-px patches on 64-px images make a 4x4 grid and STC
+    2x2 one token per quadrant; warm-up to the peak lr, then a cosine decay that ends at 0 on max_steps."""
+    cli = NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
+                         f"--data.val={synth_data / 'val'}"], run=False)
+    assert cli.model.model.tokens_per_block == 4
+    cli.model.trainer = cli.trainer
+    optimizers = cli.model.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(cli.trainer.max_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak, warmup = cli.model.settings.lr, cli.model.settings.warmup_steps
+    assert lrs[warmup] == pytest.approx(peak) and max(lrs) == pytest.approx(peak)
+    assert lrs[:warmup] == sorted(lrs[:warmup]) and lrs[warmup:] == sorted(lrs[warmup:], reverse=True)
+    assert lrs[-1] < 1e-4 * peak
+
+
 def test_a_misspelt_key_fails_before_anything_is_built(synth_data):
     with pytest.raises(NvilaError, match="Did you mean 'ratio'"):
         NvilaCLI(args=["--config", recipe_path("demo"), f"--data.train={synth_data / 'train'}",
