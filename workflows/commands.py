@@ -221,10 +221,10 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.prune import parse_pruner as parse_spec  # a name or an inline YAML spec -> a spec dict
+    from nvila.core.specs import parse_inline
     from nvila.workflows.quantize import quantize_checkpoint
 
-    quant = {part: parse_spec(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    quant = {part: parse_inline(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
     report = quantize_checkpoint(args.ckpt, args.out, quant, args.calib, args.calib_samples, args.seed)
     print(report.summary())
 

@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
-import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -31,7 +30,7 @@ from nvila.core.data.skips import ShardErrors, Skipped
 from nvila.core.errors import NvilaError
 from nvila.core.processor import Encoded, NvilaProcessor, collate
 from nvila.core.pruning import Pruner, ScoringBatch, select
-from nvila.core.specs import as_dict, build
+from nvila.core.specs import build, parse_inline
 
 log = logging.getLogger(__name__)
 REPORT_FILE, HISTOGRAM_FILE, SCORES_FILE = "prune-report.json", "scores.png", "scores.jsonl"
@@ -154,12 +153,6 @@ class PruneResult:
         return "\n".join(lines)
 
 
-def parse_pruner(spec: str) -> dict[str, Any]:
-    """``deltaloss`` or an inline YAML spec ``{name: random, seed: 3}`` -> a spec dict."""
-    parsed = yaml.safe_load(spec) if spec.strip().startswith("{") else spec
-    return as_dict(parsed)
-
-
 def load_models(pruner: Pruner, checkpoints: dict[str, str | None]) -> dict[str, torch.nn.Module]:
     """The checkpoints a pruner needs, by role; a clear error names the missing flags."""
     missing = [role for role in pruner.models if not checkpoints.get(role)]
@@ -212,7 +205,7 @@ def run_prune(pruner_spec: str, keep: float, inp: str, out: str, small_ckpt: str
     """Score, select, write and report; returns the result on rank 0 (None on the other ranks)."""
     if not 0 < keep <= 1:
         raise NvilaError(f"--keep must be in (0, 1], got {keep}.")
-    spec = parse_pruner(pruner_spec)
+    spec = parse_inline(pruner_spec)
     pruner = build("pruner", dict(spec))
     models = load_models(pruner, {"small": small_ckpt, "large": large_ckpt})
     shards = find_shards(inp)
