@@ -73,3 +73,19 @@ def test_convert_names_a_broken_json_file(tmp_path, capsys):
     code = main(["data", "convert", "--llava-json", str(bad), "--media-root", str(tmp_path / "m"),
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_second_convert_into_a_finished_set_is_refused_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    llava = tmp_path / "x.jsonl"
+    llava.write_text("\n".join(json.dumps({"id": str(i), "conversations": turns(f"Say {i}.")}) for i in range(5)))
+    convert = ["data", "convert", "--llava-json", str(llava), "--media-root", str(tmp_path / "m"),
+               "--out", str(tmp_path / "o"), "--shard-size", "2"]
+    assert main(convert) == 0 and len(find_shards(tmp_path / "o")) == 3
+    capsys.readouterr()
+    llava.write_text(json.dumps({"id": "new", "conversations": turns("Say new.")}))
+    assert main(convert) == 2  # once mixed the new shard with the old set's last two
+    assert "already holds a finished shard set (5 samples in 3 shards" in capsys.readouterr().err
+    assert main([*convert, "--overwrite"]) == 0
+    assert [r["id"] for r, _ in read_records(find_shards(tmp_path / "o"))] == ["new"]
+    assert json.loads((tmp_path / "o" / REPORT_FILE).read_text())["shards"] == ["shard-000000.tar"]
