@@ -135,13 +135,13 @@ class ShardErrors:
             self.pending.extend(Skipped("unreadable_shard", url, detail) for _ in range(lost))
         elif detail is not None and expected is None:
             self.pending.append(Skipped("unreadable_shard", url, f"{detail}; the number of samples lost is "
-                                        f"unknown (the shard set has no {_MANIFEST} of counts)").log())
+                                        f"unknown (no {_MANIFEST} beside the shard lists its count)").log())
         elif detail is not None:  # every sample was read: only the archive's tail (its end marker) is damaged
             log.warning("%s: %s, but all its %d samples were read", url, detail, expected)
 
     def _expected(self, url: str) -> int | None:
         """Samples the shard holds, from its set's manifest; None when unknown."""
-        if url == "?" or "://" in url:
+        if url == "?" or "://" in url or url.startswith("pipe:"):  # a remote shard: no manifest to ask
             return None
         path = Path(url)
         directory = str(path.parent)

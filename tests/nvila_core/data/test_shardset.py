@@ -40,6 +40,8 @@ def test_a_shard_appears_only_whole_and_the_manifest_counts_its_samples(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-000000.tar", "shard-000001.tar.partial"]
     assert [Path(s).name for s in find_shards(tmp_path)] == ["shard-000000.tar"]  # never the .partial
     assert "unfinished shard set" in caplog.text
+    with pytest.raises(NvilaError, match="a shard its writer never finished"):
+        find_shards(tmp_path / "shard-000001.tar.partial")
     assert read_manifest(tmp_path)["shards"] == {"shard-000000.tar": 3} and not read_manifest(tmp_path)["complete"]
     assert sink.close() == [tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"]
     manifest = read_manifest(tmp_path)
