@@ -39,6 +39,7 @@ MANIFEST = "nvila-shards.json"
 """The manifest's file name, in the shard directory."""
 SHARD_NAME = "shard-{:06d}.tar"
 PARTIAL = ".partial"
+_SHARD = re.compile(r"shard-\d{6}\.tar")
 _LEFTOVER = re.compile(r"(shard-\d{6}\.tar|" + re.escape(MANIFEST) + r")" + re.escape(PARTIAL))
 
 
@@ -52,9 +53,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning("ignoring %s: %s", path, exc)
         return None
-    if not (isinstance(manifest, dict) and manifest.get("format") == "nvila-shards"
-            and isinstance(manifest.get("shards"), dict)):
-        log.warning("ignoring %s: not an nvila shard manifest", path)
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not (isinstance(manifest, dict) and manifest.get("format") == "nvila-shards" and isinstance(shards, dict)
+            and all(_SHARD.fullmatch(str(k)) and isinstance(v, int) for k, v in shards.items())):
+        log.warning("ignoring %s: not an nvila shard manifest", path)  # and never deleting what it names
         return None
     return manifest
 
@@ -107,13 +109,16 @@ def prepare_output(out: str | Path, overwrite: bool = False, params: dict[str, A
     ours = set(manifest["shards"]) if manifest else set()
     leftovers = [p for p in out.iterdir() if _LEFTOVER.fullmatch(p.name)]
     if manifest is not None and manifest.get("complete"):
-        if params is not None and manifest.get("params") == params and not overwrite:
-            log.info("%s already holds this shard set (%s samples); kept", out, manifest.get("samples"))
+        whole = all((out / name).is_file() for name in ours)
+        if params is not None and manifest.get("params") == params and whole and not overwrite:
+            log.warning("%s already holds this shard set (%s samples, written with the same settings): kept; "
+                        "--overwrite writes it again", out, manifest.get("samples"))
             return True
         if not overwrite:
             raise NvilaError(f"'{out}' already holds a finished shard set ({manifest.get('samples')} samples in "
                              f"{len(ours)} shards, written by {manifest.get('writer', 'nvila')}). Pass --overwrite "
                              "to replace it, or choose another output directory.")
+        _write_json_atomically(out / MANIFEST, {**manifest, "complete": False})  # a kill now leaves leftovers
         _remove([out / name for name in ours] + leftovers + [out / MANIFEST])
         log.warning("replacing the finished shard set in %s (%s samples in %d shards)", out,
                     manifest.get("samples"), len(ours))

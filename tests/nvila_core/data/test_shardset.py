@@ -90,6 +90,16 @@ def test_tar_files_another_writer_left_are_refused_and_kept(tmp_path):
     assert (tmp_path / "user.tar").exists() and not (tmp_path / MANIFEST).exists()
 
 
+def test_a_manifest_naming_other_files_is_ignored_and_they_are_never_deleted(tmp_path, caplog):
+    (tmp_path / "victim.txt").write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps(
+        {"format": "nvila-shards", "complete": False, "shards": {"../victim.txt": 1}}))
+    with ShardSetWriter(tmp_path / "out", 3, writer="test") as sink:
+        sink.write(sample(0))
+    assert (tmp_path / "victim.txt").read_text() == "keep me" and "not an nvila shard manifest" in caplog.text
+
+
 def test_a_finished_set_is_replaced_only_with_overwrite_and_kept_when_synth_settings_match(tmp_path, caplog):
     first = write_split(tmp_path, 6, seed=1, image_size=16, shard_size=4)
     stamp = first[0].stat().st_mtime_ns
