@@ -100,6 +100,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--val", type=int, default=500, help="validation samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a finished shard set in --out written with other settings (refused otherwise)")
     convert = data_sub.add_parser("convert", help="convert LLaVA JSON plus a media folder into webdataset shards")
     convert.add_argument("--llava-json", required=True, help="LLaVA-style .json list (or .jsonl) of records")
     convert.add_argument("--media-root", required=True, help="folder the records' image/video paths are relative to")
@@ -108,6 +110,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--source", default=None, help="data set name for records without one (default: file stem)")
     convert.add_argument("--allow-outside-media-root", action="store_true",
                          help="read media paths leaving --media-root (../, absolute paths, links); refused otherwise")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a finished shard set in --out (refused otherwise)")
 
 
 def _data(args: argparse.Namespace, rest: list[str]) -> None:
@@ -115,13 +119,13 @@ def _data(args: argparse.Namespace, rest: list[str]) -> None:
         from nvila.core.data.convert import REPORT_FILE, convert_llava
 
         report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source,
-                               allow_outside_media_root=args.allow_outside_media_root)
+                               allow_outside_media_root=args.allow_outside_media_root, overwrite=args.overwrite)
         print(report.summary())
         print(f"report: {Path(args.out) / REPORT_FILE}")
         return
     from nvila.core.data.synthetic import write_dataset
 
-    splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
+    splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size, overwrite=args.overwrite)
     for split, shards in splits.items():
         print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from nvila.core.checkpoint import load_checkpoint
 from nvila.core.data.packing import as_formed
 from nvila.core.data.shards import SampleDecoder, find_shards
+from nvila.core.data.shardset import ShardSetWriter, check_output
 from nvila.core.data.skips import ShardErrors, Skipped
 from nvila.core.errors import NvilaError
 from nvila.core.processor import Encoded, NvilaProcessor, collate
@@ -164,9 +165,10 @@ def load_models(pruner: Pruner, checkpoints: dict[str, str | None]) -> dict[str,
 
 
 def write_kept(shards: list[str], kept: set[str], out: Path, shard_size: int) -> list[str]:
-    """Copy the kept samples, byte for byte and in input order, into new shards under ``out``."""
+    """Copy the kept samples, byte for byte and in input order, into new shards under ``out`` (replacing the
+    shard set a previous prune left there; an interrupted one leaves no partial shard)."""
     written: set[str] = set()
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    with ShardSetWriter(out, shard_size, writer="nvila prune", overwrite=True) as sink:
         for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
             if f"{sample['__url__']}:{sample['__key__']}" not in kept:
                 continue
@@ -175,7 +177,7 @@ def write_kept(shards: list[str], kept: set[str], out: Path, shard_size: int) ->
                 key += "_"
             written.add(key)
             sink.write({"__key__": key, **{k: v for k, v in sample.items() if not k.startswith("__")}})
-    return sorted(p.name for p in out.glob("shard-*.tar"))
+    return [p.name for p in sink.paths]
 
 
 def plot_scores(scores: list[tuple[str, float, bool]], path: Path, title: str) -> None:
@@ -213,8 +215,7 @@ def run_prune(pruner_spec: str, keep: float, inp: str, out: str, small_ckpt: str
     if out_dir.resolve() == Path(inp).resolve():
         raise NvilaError("--out must differ from --in: pruning writes new shards and keeps the originals.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("shard-*.tar"):
-        old.unlink()
+    check_output(out_dir)  # before scoring; rank 0 replaces a previous prune's shards when it writes
 
     stream = ScoringStream(shards, {role: m.processor for role, m in models.items()}, batch_size)
     loader = DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=min(num_workers, len(shards)))
