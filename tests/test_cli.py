@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def nvila(*args, env=None):
     return subprocess.run([sys.executable, "-m", "nvila.workflows", *args], capture_output=True, text=True,
@@ -38,3 +40,24 @@ def test_data_synth_writes_train_and_val_shards(tmp_path):
     out = nvila("data", "synth", "--out", str(tmp_path), "--train", "20", "--val", "5", "--image-size", "32")
     assert out.returncode == 0, out.stderr
     assert list((tmp_path / "train").glob("*.tar")) and list((tmp_path / "val").glob("*.tar"))
+
+
+HEAVY = ("torch", "torchvision", "transformers", "timm", "lightning", "pytorch_lightning", "torchao")
+"""Libraries whose import alone takes seconds: listing and describing plugins must not import them."""
+
+
+def imported_by(*args):
+    """Top-level packages a real ``nvila ARGS`` process imported, read from ``python -X importtime``."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "nvila.workflows", *args], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert "nvila.core.plugins" in names or args == ("--help",)  # the trace is really there
+    return {name.partition(".")[0] for name in names}
+
+
+@pytest.mark.parametrize("args", [("plugins",), ("plugins", "--describe", "siglip"), ("--help",)],
+                         ids=["plugins", "describe", "help"])
+def test_listing_and_describing_plugins_imports_no_torch_transformers_timm_or_lightning(args):
+    heavy = sorted(imported_by(*args) & set(HEAVY))
+    assert not heavy, f"`nvila {' '.join(args)}` imported {heavy}: keep them behind lazy factories"
