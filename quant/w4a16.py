@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,55 +25,12 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
-GROUP_SIZES = (32, 64, 128)
-METHODS = ("awq", "rtn")
-KERNELS = ("auto", "cpu", "cuda", "reference")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class W4A16Config:
-    """int4 weights in groups (16-bit scale and zero per group), 16-bit activations."""
-
-    group_size: int = 128
-    """Input channels sharing one scale and zero (32, 64 or 128); it must divide every quantized layer's width."""
-    method: str = "awq"
-    """'awq': activation-aware scales and clipping searched on calibration samples; 'rtn': round to nearest."""
-    kernel: str = "auto"
-    """'auto' (CPU: torchao's CPU int4; CUDA: tinygemm's tile-packed int4), 'cpu', 'cuda', or 'reference'
-    (dequantizes at every call: any device, slow)."""
-    dtype: str = "bf16"
-    """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
-    skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    """Linear layers kept in 16 bits: fnmatch patterns on the qualified name or its last part (AWQ keeps the
-    output layer, which small models tie to the input embedding)."""
-    dense_rows: int = 256
-    """On CPUs, a call with at least this many rows (a long prefill) dequantizes the layer to bf16 and runs one dense
-    matmul, which beats the int4 kernel there from a few hundred rows on (the int4 kernel is made for decoding);
-    0 keeps the int4 kernel for every call."""
-    calib_rows: int = 256
-    """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
-    awq_grid: int = 20
-    """Steps of AWQ's search over the scale exponent in [0, 1)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.group_size not in GROUP_SIZES:
-            problems.append(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (the int4 kernels' group "
-                            f"sizes), got {self.group_size}")
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if self.kernel not in KERNELS:
-            problems.append(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.calib_rows < 1 or self.awq_grid < 1 or self.dense_rows < 0:
-            problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+"""The torch dtype of each name in ``W4A16Config.dtype``'s choices (``configs.W4A16_DTYPES``)."""
 
 
 def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
