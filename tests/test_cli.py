@@ -1,6 +1,7 @@
 """The `nvila` command as a user runs it: a subprocess, its output and its exit status."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -67,3 +68,11 @@ def test_listing_and_describing_plugins_imports_no_torch_transformers_timm_or_li
     assert args == ("--help",) or "nvila.encoders.configs" in modules  # the registry really was loaded
     heavy = sorted({m.partition(".")[0] for m in modules} & set(HEAVY))
     assert not heavy, f"`nvila {' '.join(args)}` imported {heavy}: keep them behind lazy factories"
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly():
+    """`nvila plugins | head -1`: the closed pipe is the reader's choice, not an error with a traceback."""
+    out = subprocess.run(f"{shlex.quote(sys.executable)} -m nvila.workflows plugins | head -1", shell=True,
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("encoder") and len(out.stdout.splitlines()) == 1
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -409,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nvila: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nvila: interrupted", file=sys.stderr)  # what was written whole stays; see docs/reliability.md
+        return 130
+    except BrokenPipeError:  # `nvila plugins | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     return 0
 
 
