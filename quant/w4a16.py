@@ -133,6 +133,15 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return w.reshape(n, k).to(scale.dtype)
 
 
+def dequantize_nibbles(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Two values a byte (N, K/2) and per-group scales and zeros (N, G) -> weights (N, K) in the scales' dtype,
+    computed in that dtype with one fused multiply-add (within a rounding of :func:`dequantize_groups`, 2-3x faster
+    than it, and far faster than reading a kernel's packing back): what the reference kernel does at every call."""
+    n, groups = scales.shape
+    q = unpack_nibbles(qweight).to(scales.dtype).reshape(n, groups, -1)  # (N, G, g)
+    return torch.addcmul(zeros[..., None] - 8 * scales[..., None], q, scales[..., None]).reshape(n, -1)  # (N, K)
+
+
 def fake_quant(group_size: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
     """Quantize-then-dequantize in float32, as AWQ's search needs it: the values of :func:`quantize_groups` and
     :func:`dequantize_groups` (before the final rounding to ``dtype``), in fewer passes over the weight."""
@@ -282,11 +291,12 @@ class Int4WeightOnlyLinear(PackedLinear):
         self._dtype = scales.dtype
 
     def pack(self, plain: dict[str, torch.Tensor]) -> Any:
-        q, scales, zeros = unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"]
-        kernel = pick_kernel(self.kernel, q.device)  # the int4 kernels compute in bf16 whatever the scales are in
+        scales, zeros = plain["scales"], plain["zeros"]
+        kernel = pick_kernel(self.kernel, scales.device)  # the int4 kernels compute in bf16 whatever the scales are in
         self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
-        if kernel == "reference":
-            return {"q": q, "scale": scales, "zero": zeros}
+        if kernel == "reference":  # the plain tensors themselves, two values a byte
+            return {"qweight": plain["qweight"], "scales": scales, "zeros": zeros}
+        q = unpack_nibbles(plain["qweight"])
         from nvila.quant import _torchao
 
         make = _torchao.int4_cpu if kernel == "cpu" else _torchao.int4_cuda
@@ -295,7 +305,7 @@ class Int4WeightOnlyLinear(PackedLinear):
     def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
         n, k = self.out_features, self.in_features
         if self._running == "reference":
-            q, scales, zeros = packed["q"], packed["scale"], packed["zero"]
+            return dict(packed)
         else:
             from nvila.quant import _torchao
 
@@ -340,7 +350,7 @@ class Int4WeightOnlyLinear(PackedLinear):
     def dequantized(self, packed: Any) -> torch.Tensor:
         """The weight as a dense (N, K) matrix in the activations' dtype, made anew at each call (never kept)."""
         if self._running == "reference":
-            return dequantize_groups(**packed)
+            return dequantize_nibbles(**packed)
         if self._running == "cpu":
             return self.dense_weight(packed)
         plain = self.unpack(packed)  # CUDA's tile layout: read back by probing (slower, still transient)
@@ -357,7 +367,7 @@ class Int4WeightOnlyLinear(PackedLinear):
     def product(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (..., K) in the activations' dtype times the weight, plus ``bias``: (..., N); no autograd graph."""
         if isinstance(packed, dict):  # the reference kernel
-            weight = dequantize_groups(**packed).to(x.dtype)
+            weight = dequantize_nibbles(**packed).to(x.dtype)
         elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
             weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
         elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch

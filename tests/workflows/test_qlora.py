@@ -113,7 +113,6 @@ def test_export_merges_adapters_into_the_dequantized_weights(tiny_spec, registry
         before = model(**batch)["logits"].float()
         merge_lora(model)
         after = model(**batch)["logits"].float()
-    assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.95
     torch.testing.assert_close(after, before, rtol=0.05, atol=0.05)  # int4 layers compute in bf16, merged in fp32
     assert model.spec.quant == {} and not any(isinstance(x, Int4WeightOnlyLinear) for x in model.modules())
     assert all(p.dtype == torch.float32 for p in model.llm.parameters())
@@ -150,6 +149,12 @@ def test_training_starts_from_a_checkpoint_that_nvila_quantize_wrote(tiny_fit_ar
     cli = run_cli([*tiny_fit_args(tmp_path / "run", steps=1), *QLORA, f"--model.init_from={tmp_path / 'awq'}"])
     assert cli.model.spec.quant["llm"]["method"] == "awq"  # the checkpoint's AWQ scales, not the recipe's rtn
     assert cli.trainer.global_step == 1
+    # a full-precision start is quantized with round-to-nearest scales when training begins (within half a step)
+    module = NvilaModule(ModelSpec.from_dict({**varied_model.spec.to_dict(), "quant": {"llm": RTN}}),
+                         TrainingSettings(init_from=str(tmp_path / "full"), peft={"lora": {"r": 4}}))
+    q_proj = module.model.llm.model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer()
+    dense = varied_model.llm.model.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(q_proj.to_linear().weight, dense, atol=0.1 * float(dense.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("quant,peft,message", [
