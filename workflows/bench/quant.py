@@ -218,6 +218,7 @@ def run_ttft_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES,
                    limits: Limits | None = None) -> None:
     names = [ttft_name(s, w, h, c) for s in sizes for w, h in images for c in TTFT_CONFIGS]
     selected = sizes_of(bench, names, sizes)
+    bench.total = (bench.total or 0) + 1  # the limits' row
     limits = limits or machine_limits(device=bench.device)
     limits_record(bench, limits)
     for size, kept in selected.items():
@@ -298,6 +299,7 @@ def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens
                      limits: Limits | None = None) -> None:
     names = [f"{s} {c}" for s in sizes for c in DECODE_CONFIGS]
     selected = sizes_of(bench, names, sizes)
+    bench.total = (bench.total or 0) + 1  # the limits' row
     limits = limits or machine_limits(device=bench.device)
     limits_record(bench, limits)
     for size, kept in selected.items():
@@ -513,7 +515,8 @@ def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]
     ckpt = options.ckpt
     sizes = sizes or ({"checkpoint": ("", tuple(QUALITY_CONFIGS))} if ckpt else QUALITY_SIZES)
     runs = runs or QUALITY_RUNS
-    names = [f"{s} {c}" for s, (_, configs) in sizes.items() for c in ("full precision", *configs)]
+    names = [f"{s} {c}" for s, (_, configs) in sizes.items() for c in (*(["full precision"] if ckpt else []),
+                                                                         *configs)]
     selected = sizes_of(bench, names, list(sizes))
     with ExitStack() as stack:
         calib, held = options.calib, options.held_out
