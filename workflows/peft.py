@@ -81,6 +81,10 @@ def apply_peft(model: NvilaModel, settings: PeftSettings) -> None:
         detail = " ".join(str(exc).split())[:200]
         raise NvilaError(f"LoRA target modules {targets} match nothing in the language model ({detail}). "
                          f"Its linear layers are named: {', '.join(names)}.") from None
+    if "llm" in model.spec.quant:
+        from nvila.workflows.qlora import use_training_kernel
+
+        use_training_kernel(model.llm)
     if settings.vision == "layernorm":
         norms = [m for m in model.encoder.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
                  or type(m).__name__.endswith("RMSNorm")]

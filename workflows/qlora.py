@@ -8,14 +8,16 @@ around an int4 layer, registered through ``LoraConfig``'s custom-module mapping.
 ``nn.Linear`` layers in the training dtype (fp32 master weights under bf16 mixed precision).
 
 Training batches are long enough that every call dequantizes its weight (the CPU int4 kernel is made for
-decoding), in forward and again in backward; so the wrapped layers run W4A16's ``reference`` kernel, which keeps
-the plain two-values-a-byte tensors and dequantizes them in one fused multiply-add, about 3x faster on a CPU than
-reading the CPU kernel's packing back and the same memory (0.5 bytes a weight plus scales).
+decoding), in forward and again in backward; so in training the int4 layers run W4A16's ``reference`` kernel
+(:func:`use_training_kernel`), which keeps the plain two-values-a-byte tensors and dequantizes them in one fused
+multiply-add: about 3x faster on a CPU than reading the CPU kernel's packing back, in the same memory (half a
+byte a weight plus the scales), and with no device-specific unpacking in backward.
 
 The stage recipe is ``workflows/recipes/stages/qlora.yaml``; :func:`check_quantized_training` says which
 quantized specs train (W4A16 on the language model, under LoRA) and refuses the rest.
 
-Export (:func:`merge_int4_lora`): each adapter is merged into its layer's *dequantized* weight, so the exported
+Export (``nvila.workflows.peft.merge_lora``, through :meth:`Int4LoraLinear.unload_and_optionally_merge_module` and
+:func:`dequantize_linears`): each adapter is merged into its layer's *dequantized* weight, so the exported
 checkpoint is a full-precision one (fp32 language-model linears, no ``quant.llm`` in its spec), loadable like any
 other; ``nvila quantize --llm w4a16`` makes it a W4A16 serving checkpoint again. An int4 weight cannot take a
 fine-tuning-sized update without rounding it away, which is why the merge does not re-quantize by itself.
@@ -72,9 +74,6 @@ class Int4LoraLinear(nn.Module, LoraLayer):
             raise NvilaError("DoRA over int4 layers is not supported; use plain LoRA.")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        int4 = self.get_base_layer()
-        int4.unpack_()
-        int4.kernel = "reference"  # training dequantizes at (nearly) every call: from plain nibbles is fastest
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -122,6 +121,18 @@ def register_int4_lora(config: LoraConfig) -> LoraConfig:
     """Tell peft to wrap int4 layers with :class:`Int4LoraLinear` (peft's custom-module mapping)."""
     config._register_custom_module({Int4WeightOnlyLinear: Int4LoraLinear})
     return config
+
+
+def use_training_kernel(part: nn.Module) -> int:
+    """Switch every int4 layer of ``part`` to W4A16's ``reference`` kernel (see the module's docstring); how many.
+
+    Training dequantizes at (nearly) every call, wrapped by an adapter or not; from the plain nibbles that is
+    fastest, and it needs no device-specific unpacking in backward."""
+    found = [m for m in part.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    for layer in found:
+        layer.unpack_()  # packs again, for the new kernel, on its next call
+        layer.kernel = "reference"
+    return len(found)
 
 
 def dequantize_linears(part: nn.Module, dtype: torch.dtype = torch.float32) -> int:

@@ -71,6 +71,15 @@ def test_lora_trains_over_int4_layers_that_stay_int4(tiny_spec):
     assert dense == []
 
 
+def test_int4_layers_without_adapters_pass_gradients_through_too(tiny_spec):
+    m = module(tiny_spec, peft={"lora": {"r": 4, "target_modules": ["q_proj"]}})
+    int4 = [x for x in m.model.llm.modules() if isinstance(x, Int4WeightOnlyLinear)]
+    assert len(int4) > len([x for x in m.model.llm.modules() if isinstance(x, Int4LoraLinear)])
+    assert all(x.kernel == "reference" for x in int4)  # training's kernel: dequantizes plain nibbles
+    m.training_step(batch_of(m.model), 0).backward()
+    assert m.model.projector[0].weight.grad.abs().sum() > 0
+
+
 def test_the_int4_layer_gives_the_input_gradient_of_its_dequantized_weight():
     from nvila.core.specs import build
 
