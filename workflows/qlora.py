@@ -33,6 +33,7 @@ from peft.tuners.lora import LoraConfig, LoraLayer
 from torch import nn
 
 from nvila.core.errors import NvilaError
+from nvila.core.specs import as_dict
 from nvila.quant.w4a16 import Int4WeightOnlyLinear
 
 TRAINABLE_QUANTIZERS = ("w4a16",)
@@ -44,6 +45,7 @@ def check_quantized_training(quant: Mapping[str, Any], lora: bool, starts_quanti
     LoRA (``stages/qlora``), with round-to-nearest scales unless the start checkpoint holds AWQ's."""
     if not quant:
         return
+    quant = {part: as_dict(spec) for part, spec in quant.items()}
     how = ("QLoRA-style PEFT trains LoRA adapters over a W4A16 language model: nvila fit --config RECIPE --config "
            "stages/peft --config stages/qlora (model.quant: {llm: {name: w4a16, method: rtn}} with model.peft)")
     others = sorted(set(quant) - {"llm"})
