@@ -352,7 +352,7 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
         bench.add(Record(bench.suite, f"{size} {name}", group="decode", baseline=baseline, notes=notes,
                          settings={"size": size, "configuration": name, "steps": tokens},
                          metrics={"decode": Metric(round(per_s, 2), "tokens/s", "higher", "{:.3g}"),
-                                  "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.3g}"),
+                                  "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.4g}"),
                                   "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}))
     bench.note(f"{size}: copy bandwidth {bandwidth / 1e9:.2f} GB/s (best of the start and each round)")
 
