@@ -276,7 +276,7 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
             if base_name in best:
                 notes.append(f"vision tower against {base_name}: {best[base_name][0] / vision:.2f}×")
             bench.add(Record(bench.suite, ttft_name(size, width, height, name), metrics=metrics,
-                             settings={"size": size, "image": f"{width}x{height}", "configuration": name},
+                             settings={"size": size, "image": f"{width}x{height}"},
                              baseline=ttft_name(size, width, height, base_name) if base_name in best else None,
                              notes=notes, group="time to first token"))
         bench.note(f"{size} {width}x{height}: LLM prefill share = 2 x {flops // 2 // tokens / 1e6:.0f}M parameters x "
@@ -350,7 +350,7 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
         elif name == "bf16" and "fp32" in models:
             baseline = f"{size} fp32"
         bench.add(Record(bench.suite, f"{size} {name}", group="decode", baseline=baseline, notes=notes,
-                         settings={"size": size, "configuration": name, "steps": tokens},
+                         settings={"size": size, "steps": tokens},
                          metrics={"decode": Metric(round(per_s, 2), "tokens/s", "higher", "{:.3g}"),
                                   "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.4g}"),
                                   "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}))
