@@ -4,7 +4,7 @@ With token compression the vision encoder does most of the work before the first
 compute-bound: int8 matrix units do it at up to 4x the fp32 rate. Weights are int8 per output channel
 (symmetric, scale = max |w| / 127); activations are quantized per call, so no calibration is needed.
 
-The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench-quant``):
+The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench quant-ttft``):
 on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles (Sapphire Rapids
 and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at one row, 1.6x at 256
 rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU, 25x slower than fp32 at 256
