@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from PIL import Image
 
 from nvila.core.data.convert import REPORT_FILE
