@@ -7,24 +7,12 @@ the features it really covers (no zero padding dilutes the edge tokens, nothing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from nvila.compressors.grid import check_ratio, merged_grid
+from nvila.compressors.configs import AvgPoolConfig
+from nvila.compressors.grid import merged_grid
 from nvila.core.interfaces import Compressor
-
-
-@dataclass
-class AvgPoolConfig:
-    """Average-pooling settings."""
-
-    ratio: int = 2
-    """Side k of the square neighbourhood averaged into one token; 1..(smaller side of the feature grid)."""
-
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
 
 
 class AveragePool(Compressor):

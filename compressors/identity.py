@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from nvila.compressors.configs import IdentityConfig
 from nvila.core.interfaces import Compressor
-
-
-@dataclass
-class IdentityConfig:
-    """The identity compressor has no settings."""
 
 
 class IdentityCompressor(Compressor):

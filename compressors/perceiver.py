@@ -8,37 +8,13 @@ encoder's features already carry position embeddings, so the resampler adds none
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvila.compressors.configs import PerceiverConfig
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Compressor
-
-
-@dataclass
-class PerceiverConfig:
-    """Perceiver-resampler settings."""
-
-    num_latents: int = 8
-    """K, the learned latents (output tokens) per feature block; 1..4096."""
-    depth: int = 2
-    """Cross-attention layers; 1..64."""
-    heads: int = 4
-    """Attention heads; 1..128."""
-    head_dim: int = 32
-    """Width of each head (the attention's inner width is heads x head_dim); 1..1024."""
-    ff_mult: int = 2
-    """Feed-forward width as a multiple of the feature width C; 1..16."""
-
-    def __post_init__(self) -> None:
-        for key, high in (("num_latents", 4096), ("depth", 64), ("heads", 128), ("head_dim", 1024),
-                          ("ff_mult", 16)):
-            value = getattr(self, key)
-            if not 1 <= value <= high:
-                raise ValueError(f"key '{key}' = {value} is out of range; valid range 1..{high}")
 
 
 class CrossAttention(nn.Module):

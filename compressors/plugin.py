@@ -1,31 +1,37 @@
-"""Registers the built-in compressors (spatial and temporal) and projectors."""
+"""Registers the built-in compressors (spatial and temporal) and projectors.
 
-from nvila.compressors.avg_pool import AveragePool, AvgPoolConfig
-from nvila.compressors.identity import IdentityCompressor, IdentityConfig
-from nvila.compressors.perceiver import PerceiverConfig, PerceiverResampler
-from nvila.compressors.projector import (
+Each factory is registered lazily, by module and name, and imported when a model first builds it: listing and
+describing components (``nvila plugins``) then reads only the torch-free configs.
+"""
+
+from nvila.compressors.configs import (
+    AvgPoolConfig,
+    IdentityConfig,
     LinearProjectorConfig,
     MLP3x3ProjectorConfig,
     MLPProjectorConfig,
-    linear_projector,
-    mlp_3x3_projector,
-    mlp_projector,
+    PerceiverConfig,
+    STCConfig,
+    TemporalAverageConfig,
+    TokenLearnerConfig,
 )
-from nvila.compressors.stc import SpatialToChannel, STCConfig
-from nvila.compressors.temporal import TemporalAverage, TemporalAverageConfig
-from nvila.compressors.tokenlearner import TokenLearner, TokenLearnerConfig
 from nvila.core import hookimpl
-from nvila.core.registry import Registrar
+from nvila.core.registry import Registrar, lazy
 
 
 @hookimpl
 def nvila_register(registry: Registrar) -> None:
-    registry.add("compressor", "stc", SpatialToChannel, STCConfig)
-    registry.add("compressor", "identity", IdentityCompressor, IdentityConfig)
-    registry.add("compressor", "avg-pool", AveragePool, AvgPoolConfig)
-    registry.add("compressor", "tokenlearner", TokenLearner, TokenLearnerConfig)
-    registry.add("compressor", "perceiver", PerceiverResampler, PerceiverConfig)
-    registry.add("temporal", "temporal-average", TemporalAverage, TemporalAverageConfig)
-    registry.add("projector", "mlp", mlp_projector, MLPProjectorConfig)
-    registry.add("projector", "mlp-3x3", mlp_3x3_projector, MLP3x3ProjectorConfig)
-    registry.add("projector", "linear", linear_projector, LinearProjectorConfig)
+    registry.add("compressor", "stc", lazy("nvila.compressors.stc", "SpatialToChannel"), STCConfig)
+    registry.add("compressor", "identity", lazy("nvila.compressors.identity", "IdentityCompressor"), IdentityConfig)
+    registry.add("compressor", "avg-pool", lazy("nvila.compressors.avg_pool", "AveragePool"), AvgPoolConfig)
+    registry.add("compressor", "tokenlearner", lazy("nvila.compressors.tokenlearner", "TokenLearner"),
+                 TokenLearnerConfig)
+    registry.add("compressor", "perceiver", lazy("nvila.compressors.perceiver", "PerceiverResampler"),
+                 PerceiverConfig)
+    registry.add("temporal", "temporal-average", lazy("nvila.compressors.temporal", "TemporalAverage"),
+                 TemporalAverageConfig)
+    registry.add("projector", "mlp", lazy("nvila.compressors.projector", "mlp_projector"), MLPProjectorConfig)
+    registry.add("projector", "mlp-3x3", lazy("nvila.compressors.projector", "mlp_3x3_projector"),
+                 MLP3x3ProjectorConfig)
+    registry.add("projector", "linear", lazy("nvila.compressors.projector", "linear_projector"),
+                 LinearProjectorConfig)

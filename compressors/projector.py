@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from nvila.compressors.configs import LinearProjectorConfig, MLP3x3ProjectorConfig, MLPProjectorConfig
 from nvila.core.errors import NvilaError
-
-
-@dataclass
-class MLPProjectorConfig:
-    """NVILA's 2x2 projector: LayerNorm(C') -> Linear(C', D) -> GELU -> Linear(D, D)."""
-
-    layer_norm: bool = True
-    """Normalise the incoming tokens first (NVILA: yes, the STC output is un-normalised)."""
 
 
 def mlp_projector(config: MLPProjectorConfig, in_dim: int, out_dim: int) -> nn.Sequential:
@@ -25,30 +17,9 @@ def mlp_projector(config: MLPProjectorConfig, in_dim: int, out_dim: int) -> nn.S
     return nn.Sequential(*norm, nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
-@dataclass
-class LinearProjectorConfig:
-    """A single linear map (LLaVA-1's projector)."""
-
-    bias: bool = True
-    """Add a bias term."""
-
-
 def linear_projector(config: LinearProjectorConfig, in_dim: int, out_dim: int) -> nn.Linear:
     """Single linear projector."""
     return nn.Linear(in_dim, out_dim, bias=config.bias)
-
-
-@dataclass
-class MLP3x3ProjectorConfig:
-    """NVILA's 3x3 projector (``mlp_downsample_3x3_fix``), for STC with ratio 3:
-    LayerNorm(9C) -> Linear(9C, 3C) -> GELU -> LayerNorm(3C) -> Linear(3C, D) -> GELU -> Linear(D, D)."""
-
-    reduction: int = 3
-    """The first Linear narrows the incoming width by this factor (NVILA: 3, from 9C to 3C); 1..in_dim."""
-
-    def __post_init__(self) -> None:
-        if self.reduction < 1:
-            raise ValueError(f"key 'reduction' = {self.reduction} is out of range; valid range 1..(incoming width)")
 
 
 def mlp_3x3_projector(config: MLP3x3ProjectorConfig, in_dim: int, out_dim: int) -> nn.Sequential:

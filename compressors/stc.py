@@ -9,25 +9,12 @@ bottom and right edges; nothing is cropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from nvila.compressors.grid import check_ratio, merged_grid
+from nvila.compressors.configs import STCConfig
+from nvila.compressors.grid import merged_grid
 from nvila.core.interfaces import Compressor
-
-
-@dataclass
-class STCConfig:
-    """Spatial-to-channel settings."""
-
-    ratio: int = 2
-    """Side k of the square block merged into one token (NVILA: 2, or 3 with the ``mlp-3x3`` projector);
-    1..(smaller side of the feature grid)."""
-
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
 
 
 class SpatialToChannel(Compressor):

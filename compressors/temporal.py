@@ -13,38 +13,10 @@ zero frames or repeated frames dilute or bias it), so ``ceil(F / g)`` frames com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from nvila.core.interfaces import TEMPORAL_STAGES, TemporalCompressor
-
-
-@dataclass
-class TemporalAverageConfig:
-    """Temporal-averaging settings; the defaults are released NVILA's."""
-
-    group: int = 8
-    """g, consecutive frames averaged into one (NVILA: 8); 1 (no pooling)..frames."""
-    where: str = "after-projector"
-    """Stage it pools: after-encoder, after-compressor or after-projector (NVILA)."""
-    frame_end: str | None = "\n"
-    """Text whose token embeddings end each pooled frame (NVILA: a newline); None for nothing."""
-    frames: int | None = None
-    """Frames sampled per video (NVILA: 256), when fixed: ``group`` is then checked against it as soon as
-    the spec is read. None checks nothing up front; each video is pooled as it comes."""
-
-    def __post_init__(self) -> None:
-        if self.where not in TEMPORAL_STAGES:
-            raise ValueError(f"key 'where' = {self.where!r} is not a stage; choose one of {', '.join(TEMPORAL_STAGES)}")
-        if self.frames is not None and self.frames < 1:
-            raise ValueError(f"key 'frames' = {self.frames} is out of range; valid range 1.. (or null)")
-        top = self.frames if self.frames is not None else "frames per video"
-        if self.group < 1:
-            raise ValueError(f"key 'group' = {self.group} is out of range; valid range 1..{top}")
-        if self.frames is not None and self.group > self.frames:
-            raise ValueError(f"key 'group' = {self.group} is larger than the {self.frames} frames per video "
-                             f"(key 'frames'); valid range 1..{self.frames}")
+from nvila.compressors.configs import TemporalAverageConfig
+from nvila.core.interfaces import TemporalCompressor
 
 
 class TemporalAverage(TemporalCompressor):

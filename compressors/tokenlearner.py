@@ -8,29 +8,12 @@ width stays C.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from nvila.compressors.configs import TokenLearnerConfig
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Compressor
-
-
-@dataclass
-class TokenLearnerConfig:
-    """TokenLearner settings."""
-
-    num_tokens: int = 8
-    """K, the tokens (attention maps) per feature block; 1..4096."""
-    hidden: int = 64
-    """Width of the MLP that scores positions; 1..65536."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_tokens <= 4096:
-            raise ValueError(f"key 'num_tokens' = {self.num_tokens} is out of range; valid range 1..4096")
-        if not 1 <= self.hidden <= 65536:
-            raise ValueError(f"key 'hidden' = {self.hidden} is out of range; valid range 1..65536")
 
 
 class TokenLearner(Compressor):

@@ -9,47 +9,15 @@ in tile order, so the block grid is reported as a single row ``(1, tiles)``; an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from PIL import Image
 
 from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
 from nvila.core.specs import build
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding, load_rgb
-from nvila.encoders.s2 import Grid, _single_tile_size, check_base, check_chunk_size
+from nvila.encoders.configs import DynamicTilesConfig
+from nvila.encoders.preprocess import load_rgb
+from nvila.encoders.s2 import Grid, _single_tile_size
 from nvila.encoders.tiling import closest_grid
-
-
-@dataclass
-class DynamicTilesConfig:
-    """Dynamic tiling settings (NVILA-Lite: siglip so400m 448 base, 1 to 12 tiles, thumbnail)."""
-
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
-    """Spec of the single-tile encoder that encodes every tile, e.g. {name: siglip, image_size: 448}."""
-    min_tiles: int = 1
-    """Fewest tiles in the grid (NVILA-Lite: 1)."""
-    max_tiles: int = 12
-    """Most tiles in the grid, thumbnail not counted (NVILA-Lite: 12)."""
-    thumbnail: bool = True
-    """Append the whole image as one extra tile when the grid has more than one tile (NVILA-Lite: yes)."""
-    chunk_size: int | None = None
-    """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-    alpha: str = "white"
-    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
-    exif_rotate: bool = True
-    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
-
-    def __post_init__(self) -> None:
-        check_decoding(self.alpha, self.max_pixels)
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles {self.min_tiles} and "
-                             f"max_tiles {self.max_tiles}")
-        check_chunk_size(self.chunk_size)
-        check_base(self.base)
 
 
 class DynamicTilesProcessor(ImageProcessor):

@@ -13,47 +13,13 @@ are not offered here, because a square output grid could not tell the encoder th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import ImageProcessor
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding
-from nvila.encoders.s2 import Grid, S2Encoder, S2Processor, check_base, check_chunk_size, check_scales
+from nvila.encoders.configs import (
+    DynS2Config,
+)
+from nvila.encoders.s2 import Grid, S2Encoder, S2Processor
 from nvila.encoders.tiling import closest_grid
-
-
-@dataclass
-class DynS2Config:
-    """DynS2 settings (NVILA-8B: siglip so400m 448 base, scales [448, 896, 1344], max_tiles 12)."""
-
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
-    """Spec of the single-tile encoder that encodes every tile, e.g. {name: siglip, image_size: 448}."""
-    scales: list[int] = field(default_factory=lambda: [64, 128, 192])
-    """Image sides in pixels, increasing; the smallest is the base encoder's tile, the rest its multiples."""
-    max_tiles: int = 12
-    """Most tiles at the largest scale; the fewest is (largest / smallest scale)**2 (NVILA: 12 and 9)."""
-    chunk_size: int | None = None
-    """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-    alpha: str = "white"
-    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
-    exif_rotate: bool = True
-    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
-
-    def __post_init__(self) -> None:
-        check_scales(self.scales)
-        check_decoding(self.alpha, self.max_pixels)
-        if self.max_tiles < self.min_tiles:
-            raise ValueError(f"max_tiles {self.max_tiles} is below the ({self.scales[-1]} / {self.scales[0]})**2 "
-                             f"= {self.min_tiles} tiles the largest scale needs at least")
-        check_chunk_size(self.chunk_size)
-        check_base(self.base)
-
-    @property
-    def min_tiles(self) -> int:
-        return (self.scales[-1] // self.scales[0]) ** 2
 
 
 class DynS2Processor(S2Processor):

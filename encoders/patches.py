@@ -6,29 +6,11 @@ tiling and stitching lose and misplace nothing (with ``patch_size: 1`` the featu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from nvila.core.interfaces import VisionEncoder
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
-
-
-@dataclass
-class PatchesConfig:
-    """Patch-feature settings."""
-
-    image_size: int = 64
-    """Input resolution of one tile, in pixels."""
-    patch_size: int = 8
-    """Patch side p in pixels; each feature holds one patch's 3 * p * p normalised pixel values."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-
-    def __post_init__(self) -> None:
-        if self.patch_size < 1 or self.image_size < 1 or self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a positive multiple of patch_size "
-                             f"{self.patch_size}")
+from nvila.encoders.configs import PatchesConfig
+from nvila.encoders.preprocess import TileProcessor
 
 
 class PatchesEncoder(VisionEncoder):

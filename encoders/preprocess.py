@@ -21,20 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan
-
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-"""Pillow's own decompression-bomb threshold (about 89.5 megapixels): a sane default pixel limit."""
-
-ALPHA_MODES = ("white", "drop")
-"""How transparent pixels become RGB: composited onto white (nvila), or the alpha channel dropped (NVILA)."""
-
-
-def check_decoding(alpha: str, max_pixels: int) -> None:
-    """Validate an encoder config's decoding settings (ValueError naming the key)."""
-    if alpha not in ALPHA_MODES:
-        raise ValueError(f"key 'alpha' = {alpha!r} is not one of {', '.join(ALPHA_MODES)}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+from nvila.encoders.configs import (  # noqa: F401  (ALPHA_MODES, check_decoding: still importable from here)
+    ALPHA_MODES,
+    DEFAULT_MAX_PIXELS,
+    check_decoding,
+)
 
 
 class ImageError(NvilaError, ValueError):

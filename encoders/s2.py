@@ -14,75 +14,23 @@ features are repeated once per scale along channels, so frames and images share 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import ImageProcessor, PreparedImage, TilePlan, VisionEncoder
-from nvila.core.specs import as_dict, build
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, check_decoding, load_rgb
+from nvila.core.specs import build
+from nvila.encoders.configs import (  # noqa: F401  (the checks: still importable from here)
+    S2Config,
+    check_base,
+    check_chunk_size,
+    check_scales,
+)
+from nvila.encoders.preprocess import load_rgb
 from nvila.encoders.tiling import merge_blocks
 
 Grid = tuple[int, int]
-
-
-def check_scales(scales: list[int]) -> None:
-    """Scales must be positive, strictly increasing, and multiples of the smallest."""
-    if not scales:
-        raise ValueError("scales is empty; give at least one image side in pixels, e.g. [448, 896, 1344]")
-    if any(s <= 0 for s in scales) or any(a >= b for a, b in zip(scales, scales[1:])):
-        raise ValueError(f"scales {list(scales)} must be positive and strictly increasing")
-    odd = [s for s in scales if s % scales[0]]
-    if odd:
-        raise ValueError(f"scales {list(scales)}: {odd} not a multiple of the smallest scale {scales[0]}")
-
-
-def check_base(base: dict[str, Any]) -> None:
-    """The base spec names a registered encoder and validates against its config (ValueError otherwise)."""
-    from nvila.core.plugins import default_registry
-    from nvila.core.specs import resolve
-
-    try:
-        resolve("encoder", as_dict(base), default_registry())
-    except NvilaError as exc:
-        raise ValueError(f"base: {' '.join(str(exc).split())}") from None
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tiles (or null for all at once), got {chunk_size}")
-
-
-@dataclass
-class S2Config:
-    """S2 settings: the base encoder and the square scales it sees the image at."""
-
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
-    """Spec of the single-tile encoder that encodes every tile, e.g. {name: siglip, image_size: 448}."""
-    scales: list[int] = field(default_factory=lambda: [64, 128])
-    """Square image sides in pixels, increasing; each a multiple of the base encoder's tile size."""
-    output_scale: int = 0
-    """Index into scales of the scale whose feature size the merged map takes (s2wrapper: 0, the smallest)."""
-    chunk_size: int | None = None
-    """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-    alpha: str = "white"
-    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
-    exif_rotate: bool = True
-    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
-
-    def __post_init__(self) -> None:
-        check_scales(self.scales)
-        check_decoding(self.alpha, self.max_pixels)
-        if not -len(self.scales) <= self.output_scale < len(self.scales):
-            raise ValueError(f"output_scale {self.output_scale} is not an index into scales {list(self.scales)}")
-        check_chunk_size(self.chunk_size)
-        check_base(self.base)
 
 
 class S2Processor(ImageProcessor):

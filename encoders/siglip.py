@@ -10,7 +10,6 @@ Face directory (e.g. a downloaded ``Efficient-Large-Model/paligemma-siglip-so400
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,42 +19,8 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import VisionEncoder
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor, check_decoding
-
-
-@dataclass
-class SiglipConfig:
-    """SigLIP encoder settings; architecture fields are ignored when ``checkpoint`` is set."""
-
-    checkpoint: str | None = None
-    """Local Hugging Face directory with SigLIP weights; None builds a random-initialised model."""
-    feature_layer: int = -2
-    """Hidden layer whose output is used as features (negative counts from the end; NVILA: -2)."""
-    image_size: int = 64
-    """Input resolution of one tile, in pixels (NVILA: 448)."""
-    patch_size: int = 8
-    """Patch side in pixels (so400m: 14)."""
-    hidden_size: int = 64
-    """Feature width C (so400m: 1152)."""
-    intermediate_size: int = 128
-    """MLP width (so400m: 4304)."""
-    num_layers: int = 2
-    """Transformer layers (so400m: 27)."""
-    num_heads: int = 4
-    """Attention heads (so400m: 16)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-    alpha: str = "white"
-    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
-    exif_rotate: bool = True
-    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
-
-    def __post_init__(self) -> None:
-        if self.checkpoint is None and self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        check_decoding(self.alpha, self.max_pixels)
+from nvila.encoders.configs import SiglipConfig
+from nvila.encoders.preprocess import TileProcessor
 
 
 class SiglipEncoder(VisionEncoder):

@@ -12,9 +12,7 @@ grid, so only patch tokens have a place in it. Normalisation constants come from
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -22,47 +20,8 @@ from safetensors.torch import load_file
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import VisionEncoder
-from nvila.encoders.preprocess import DEFAULT_MAX_PIXELS, TileProcessor
-
-
-@dataclass
-class TimmViTConfig:
-    """timm ViT settings; an architecture field left at None keeps the timm model's own value."""
-
-    model: str = "vit_tiny_patch16_224"
-    """timm model name of a Vision Transformer (e.g. 'vit_so400m_patch14_siglip_384')."""
-    checkpoint: str | None = None
-    """Local .safetensors file with the model's weights; None keeps the random initialisation."""
-    feature_layer: int = -2
-    """Block whose output is used as features: -1 is the last, -2 the second-to-last, 1 the first."""
-    image_size: int | None = 64
-    """Input resolution of one tile, in pixels (None: the model's default)."""
-    patch_size: int | None = 8
-    """Patch side in pixels (None: the model's default)."""
-    depth: int | None = 2
-    """Transformer blocks (None: the model's default)."""
-    embed_dim: int | None = 64
-    """Feature width C (None: the model's default)."""
-    num_heads: int | None = 4
-    """Attention heads (None: the model's default)."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-
-    def __post_init__(self) -> None:
-        if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.feature_layer == 0:
-            raise ValueError("feature_layer 0 would be the patch embeddings; timm ViT features come from a block "
-                             "(-1 is the last, 1 the first)")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
-
-    def overrides(self) -> dict[str, Any]:
-        """Keyword arguments for ``timm.create_model``: the architecture fields that are set."""
-        names = {"image_size": "img_size", "patch_size": "patch_size", "depth": "depth", "embed_dim": "embed_dim",
-                 "num_heads": "num_heads"}
-        return {timm_name: getattr(self, field) for field, timm_name in names.items()
-                if getattr(self, field) is not None}
+from nvila.encoders.configs import TimmViTConfig
+from nvila.encoders.preprocess import TileProcessor
 
 
 class TimmViTEncoder(VisionEncoder):

@@ -19,4 +19,5 @@ class SpecError(NvilaError):
 
 
 class PluginLoadError(NvilaError):
-    """A plugin distribution failed to load or register (raised only in strict mode)."""
+    """A plugin failed to load or register (raised by the loader only in strict mode), or a lazily registered
+    factory failed to import when its component was first built."""

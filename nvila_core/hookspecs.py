@@ -19,4 +19,5 @@ class NvilaHookSpecs:
 
     @hookspec
     def nvila_register(self, registry: Registrar) -> None:
-        """Register this plugin's components: ``registry.add("compressor", "stc", factory, STCConfig)``."""
+        """Register this plugin's components: ``registry.add("compressor", "stc", factory, STCConfig)``, where
+        ``factory`` is the callable itself or ``lazy("module", "Name")``, imported on the first build."""

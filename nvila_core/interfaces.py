@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from nvila.core.errors import NvilaError
+from nvila.core.registry import TEMPORAL_STAGES  # noqa: F401  (defined torch-free, for configs)
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,6 @@ class Compressor(nn.Module, ABC):
         """(rows, cols) when a block's tokens are a row-major spatial grid, None when they are not spatial
         (learned queries); spatial tokens of neighbouring blocks can then be stitched into one map."""
         return None
-
-
-TEMPORAL_STAGES = ("after-encoder", "after-compressor", "after-projector")
-"""Where a temporal compressor can act on a video's frames: on the encoder's feature blocks, on the
-spatially compressed tokens, or on the projected tokens in language-model width (NVILA)."""
 
 
 class TemporalCompressor(nn.Module, ABC):

@@ -51,7 +51,8 @@ class ModelSpec:
         module=False)
     quant: dict[str, Any] = field(default_factory=dict, metadata={
         "doc": "inference-time quantization per model part, e.g. {encoder: w8a8, llm: {name: w4a16, method: awq}}; "
-               "empty: none. Written by `nvila quantize`; a quantized model serves, it does not train"})
+               "empty: none. Written by `nvila quantize` for serving; training takes only a W4A16 llm under LoRA "
+               "(stages/qlora)"})
     max_length: int = field(default=2048, metadata={"doc": "longest tokenized sample, visual tokens included"})
     image_end: str | None = field(default="\n", metadata={
         "doc": "text whose tokens follow each image's visual tokens, or each tile's when the encoder's tiles are "

@@ -16,9 +16,11 @@ Each :meth:`Scheduler.step`:
 1. drops cancelled sequences (a client that went away) from the queue and from the batch;
 2. runs one decode step of the running batch: one language-model forward for all of them, the weights read
    once (decode is memory-bound, so a batch of 8 costs little more than one sequence);
-3. admits waiting requests while the batch has room, at most ``prefill_batch`` per step: prefills them (visual
-   encoder and prompt) and joins them to the batch (:meth:`Engine.join`), so a new prompt delays the running
-   sequences' next token by one prefill only;
+3. admits waiting requests while the batch has room, at most ``prefill_batch`` per step (and at most
+   ``prefill_tokens`` once padded): prefills them together (visual encoder and prompts; one forward for several
+   prompts costs far less than one each: on the CPU, 8 short prompts of a 100 M model took 2.4x less time
+   together) and joins them to the batch (:meth:`Engine.join`), so new prompts delay the running sequences'
+   next token by one prefill only;
 4. chooses every sequence's next token, one :class:`TokenEvent` each, and lets the finished ones leave
    (:meth:`Engine.keep`).
 
@@ -68,14 +70,19 @@ class Scheduler:
     """Continuous batching over one :class:`Engine`; see the module's documentation.
 
     ``max_batch`` is the most sequences decoding together; ``prefill_batch`` the most waiting requests prefilled
-    (together) in one step.
+    (together) in one step, and ``prefill_tokens`` (None: no limit) the most tokens that prefill may hold once
+    its prompts are padded to the longest: a long prompt is not batched with short ones that it would pad out,
+    and one prompt longer than the limit is still prefilled, alone.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_batch: int = 1) -> None:
-        for name, value in (("max_batch", max_batch), ("prefill_batch", prefill_batch)):
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_batch: int = 1,
+                 prefill_tokens: int | None = None) -> None:
+        for name, value in (("max_batch", max_batch), ("prefill_batch", prefill_batch),
+                            ("prefill_tokens", 1 if prefill_tokens is None else prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise NvilaError(f"{name} must be a whole number of at least 1, got {value!r}")
         self.engine, self.max_batch, self.prefill_batch = engine, max_batch, prefill_batch
+        self.prefill_tokens = prefill_tokens
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: deque[tuple[int, Encoded, DecodingConfig]] = deque()
@@ -146,8 +153,13 @@ class Scheduler:
 
     def _admit(self, failed: dict[int, str]) -> tuple[int, ...]:
         with self._lock:
-            take = min(self.max_batch - len(self._answers), self.prefill_batch, len(self._waiting))
-            batch = [self._waiting.popleft() for _ in range(max(take, 0))]
+            room = min(self.max_batch - len(self._answers), self.prefill_batch)
+            batch, longest = [], 0
+            while self._waiting and len(batch) < room:
+                longest = max(longest, len(self._waiting[0][1].input_ids))
+                if batch and self.prefill_tokens is not None and (len(batch) + 1) * longest > self.prefill_tokens:
+                    break
+                batch.append(self._waiting.popleft())
         if not batch:
             return ()
         try:

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Mapping
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -32,6 +33,21 @@ def as_dict(spec: Any) -> dict[str, Any]:
     if isinstance(spec, Mapping):
         return dict(spec)
     raise SpecError("component", None, [f"a spec is a mapping like {{name: stc, ratio: 2}}, got {spec!r}"])
+
+
+def parse_inline(text: str) -> dict[str, Any]:
+    """A spec typed on a command line: a plugin name (``deltaloss``) or inline YAML (``{name: random, seed: 3}``).
+
+    YAML is read with the safe loader, so tags such as ``!!python/object`` are refused, never run.
+    """
+    if not text.strip().startswith("{"):
+        return as_dict(text.strip())
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError("component", None, [f"the inline spec {text!r} is not valid YAML ({exc.problem or exc}); "
+                                            "write it like {name: w4a16, method: rtn}"]) from None
+    return as_dict(parsed)
 
 
 def resolve(kind: str, spec: Any, registry: Registry) -> tuple[Component, Any]:

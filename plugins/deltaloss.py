@@ -9,27 +9,11 @@ top fraction of each source data set is kept. ``docs/data.md`` has the formula a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from nvila.core.pruning import Pruner, ScoringBatch, answer_losses
-
-REDUCTIONS = ("mean", "sum")
-
-
-@dataclass
-class DeltaLossConfig:
-    """DeltaLoss settings."""
-
-    reduction: str = "mean"
-    """How answer tokens combine: 'mean' (per-token log-ratio; long answers do not dominate) or 'sum' (the
-    log-ratio of the whole answer's probabilities, log p_large(answer) - log p_small(answer))."""
-
-    def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+from nvila.plugins.configs import DeltaLossConfig
 
 
 class DeltaLossPruner(Pruner):

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nvila.core.pruning import Pruner, ScoringBatch
-
-
-@dataclass
-class RandomPrunerConfig:
-    """Random pruning settings."""
-
-    seed: int = 0
-    """Seed of the per-sample draws: a sample's score depends only on the seed and its id."""
+from nvila.plugins.configs import RandomPrunerConfig
 
 
 class RandomPruner(Pruner):

@@ -9,36 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import PrecisionBackend
+from nvila.quant.configs import FP8Config
 
 log = logging.getLogger(__name__)
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-
-
-@dataclass
-class FP8Config:
-    """Float8 training settings."""
-
-    recipe: str = "tensorwise"
-    """torchao scaling recipe: 'tensorwise' (fastest), 'rowwise' or 'rowwise_with_gw_hp' (more accurate)."""
-    emulate: bool = False
-    """Emulate FP8 in higher precision (any device, no speedup): for tests, not for training runs."""
-    lightning_precision: str = "bf16-mixed"
-    """Precision of everything that is not a float8 linear layer."""
-    skip_output_layer: bool = True
-    """Keep the language model's output layer (lm_head) in high precision, as torchao recommends."""
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got '{self.recipe}'")
-
-
 def fp8_capable_gpu() -> str | None:
     """The CUDA device's name when it can run FP8 matmuls (capability >= 8.9), else None."""
     if not torch.cuda.is_available():

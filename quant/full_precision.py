@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from nvila.core.interfaces import PrecisionBackend
+from nvila.quant.configs import BF16Config, FP32Config
 
 # Layers whose weights autocast casts to bf16 at every use: storing a frozen one in bf16 changes no result.
 AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass
-class FP32Config:
-    """Plain float32 everywhere: the fastest choice on CPUs without native bf16 (AVX512-BF16 or AMX)."""
 
 
 class FP32(PrecisionBackend):
@@ -25,19 +19,6 @@ class FP32(PrecisionBackend):
 
     def __init__(self, config: FP32Config) -> None:
         self.config = config
-
-
-@dataclass
-class BF16Config:
-    """bfloat16 mixed precision: fp32 master weights, bf16 autocast for matmuls."""
-
-    true_bf16: bool = False
-    """Store the weights in bf16 too (halves memory; loses fp32 master weights)."""
-    frozen_in_bf16: bool = False
-    """Store frozen linear and convolution weights in bf16: they never update and autocast computes with
-    them in bf16 anyway, so results are unchanged and their memory halves (how NVILA fits 8B PEFT in
-    24 GB). Exported checkpoints then hold those weights rounded to bf16. Not with FSDP, which flattens
-    each wrapped block into one tensor of one dtype."""
 
 
 class BF16(PrecisionBackend):

@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,55 +25,12 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
-GROUP_SIZES = (32, 64, 128)
-METHODS = ("awq", "rtn")
-KERNELS = ("auto", "cpu", "cuda", "reference")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class W4A16Config:
-    """int4 weights in groups (16-bit scale and zero per group), 16-bit activations."""
-
-    group_size: int = 128
-    """Input channels sharing one scale and zero (32, 64 or 128); it must divide every quantized layer's width."""
-    method: str = "awq"
-    """'awq': activation-aware scales and clipping searched on calibration samples; 'rtn': round to nearest."""
-    kernel: str = "auto"
-    """'auto' (CPU: torchao's CPU int4; CUDA: tinygemm's tile-packed int4), 'cpu', 'cuda', or 'reference'
-    (dequantizes at every call: any device, slow)."""
-    dtype: str = "bf16"
-    """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
-    skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    """Linear layers kept in 16 bits: fnmatch patterns on the qualified name or its last part (AWQ keeps the
-    output layer, which small models tie to the input embedding)."""
-    dense_rows: int = 256
-    """On CPUs, a call with at least this many rows (a long prefill) dequantizes the layer to bf16 and runs one dense
-    matmul, which beats the int4 kernel there from a few hundred rows on (the int4 kernel is made for decoding);
-    0 keeps the int4 kernel for every call."""
-    calib_rows: int = 256
-    """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
-    awq_grid: int = 20
-    """Steps of AWQ's search over the scale exponent in [0, 1)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.group_size not in GROUP_SIZES:
-            problems.append(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (the int4 kernels' group "
-                            f"sizes), got {self.group_size}")
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if self.kernel not in KERNELS:
-            problems.append(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.calib_rows < 1 or self.awq_grid < 1 or self.dense_rows < 0:
-            problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+"""The torch dtype of each name in ``W4A16Config.dtype``'s choices (``configs.W4A16_DTYPES``)."""
 
 
 def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -131,6 +87,15 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     groups = scale.shape[1]
     w = (q.reshape(n, groups, k // groups).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
     return w.reshape(n, k).to(scale.dtype)
+
+
+def dequantize_nibbles(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Two values a byte (N, K/2) and per-group scales and zeros (N, G) -> weights (N, K) in the scales' dtype,
+    computed in that dtype with one fused multiply-add (within a rounding of :func:`dequantize_groups`, 2-3x faster
+    than it, and far faster than reading a kernel's packing back): what the reference kernel does at every call."""
+    n, groups = scales.shape
+    q = unpack_nibbles(qweight).to(scales.dtype).reshape(n, groups, -1)  # (N, G, g)
+    return torch.addcmul(zeros[..., None] - 8 * scales[..., None], q, scales[..., None]).reshape(n, -1)  # (N, K)
 
 
 def fake_quant(group_size: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
@@ -259,7 +224,11 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 # -- the layer -----------------------------------------------------------------------------------------------
 class Int4WeightOnlyLinear(PackedLinear):
-    """``y = (x * input_scale) @ dequant(W_int4)^T + b`` in 16 bits; ``input_scale`` is AWQ's 1/s (absent for RTN)."""
+    """``y = (x * input_scale) @ dequant(W_int4)^T + b`` in 16 bits; ``input_scale`` is AWQ's 1/s (absent for RTN).
+
+    Its weights are buffers, never trained; the output is differentiable in ``x``, so that LoRA adapters around
+    the layer train (QLoRA-style, ``nvila.workflows.qlora``) while the weight stays int4.
+    """
 
     PACKED = ("qweight", "scales", "zeros")
 
@@ -278,11 +247,12 @@ class Int4WeightOnlyLinear(PackedLinear):
         self._dtype = scales.dtype
 
     def pack(self, plain: dict[str, torch.Tensor]) -> Any:
-        q, scales, zeros = unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"]
-        kernel = pick_kernel(self.kernel, q.device)  # the int4 kernels compute in bf16 whatever the scales are in
+        scales, zeros = plain["scales"], plain["zeros"]
+        kernel = pick_kernel(self.kernel, scales.device)  # the int4 kernels compute in bf16 whatever the scales are in
         self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
-        if kernel == "reference":
-            return {"q": q, "scale": scales, "zero": zeros}
+        if kernel == "reference":  # the plain tensors themselves, two values a byte
+            return {"qweight": plain["qweight"], "scales": scales, "zeros": zeros}
+        q = unpack_nibbles(plain["qweight"])
         from nvila.quant import _torchao
 
         make = _torchao.int4_cpu if kernel == "cpu" else _torchao.int4_cuda
@@ -291,7 +261,7 @@ class Int4WeightOnlyLinear(PackedLinear):
     def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
         n, k = self.out_features, self.in_features
         if self._running == "reference":
-            q, scales, zeros = packed["q"], packed["scale"], packed["zero"]
+            return dict(packed)
         else:
             from nvila.quant import _torchao
 
@@ -318,12 +288,42 @@ class Int4WeightOnlyLinear(PackedLinear):
         w = (q.reshape(n, groups, k // groups).to(torch.bfloat16) - 8) * scales[..., None] + zeros[..., None]
         return w.reshape(n, k)
 
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """The layer as a plain ``nn.Linear`` in ``dtype`` computing the same product (AWQ's input scale folded into
+        the weight's columns): what exporting a model trained over int4 weights writes."""
+        plain = self.plain()
+        weight = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"].float(),
+                                   plain["zeros"].float()).to(dtype)  # (N, K), computed in fp32
+        if self.input_scale is not None:
+            weight = weight * self.input_scale.to(dtype)  # x * s @ W^T = x @ (W * s)^T
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                          dtype=dtype)
+        layer.weight.data = weight
+        if self.bias is not None:
+            layer.bias.data = self.bias.to(dtype)
+        return layer.requires_grad_(False)
+
+    def dequantized(self, packed: Any) -> torch.Tensor:
+        """The weight as a dense (N, K) matrix in the activations' dtype, made anew at each call (never kept)."""
+        if self._running == "reference":
+            return dequantize_nibbles(**packed)
+        if self._running == "cpu":
+            return self.dense_weight(packed)
+        plain = self.unpack(packed)  # CUDA's tile layout: read back by probing (slower, still transient)
+        return dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"])
+
     def matmul(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         x = x.to(self._dtype)
         if self.input_scale is not None:
             x = x * self.input_scale  # (..., K): AWQ's 1/s, the inverse of the scale folded into the weight
+        if torch.is_grad_enabled() and x.requires_grad:  # training adapters around this frozen layer (QLoRA)
+            return _FrozenInt4Product.apply(x, self, packed)  # (..., N)
+        return self.product(x, packed, self.bias)
+
+    def product(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (..., K) in the activations' dtype times the weight, plus ``bias``: (..., N); no autograd graph."""
         if isinstance(packed, dict):  # the reference kernel
-            weight = dequantize_groups(**packed).to(x.dtype)
+            weight = dequantize_nibbles(**packed).to(x.dtype)
         elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
             weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
         elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch
@@ -331,10 +331,30 @@ class Int4WeightOnlyLinear(PackedLinear):
 
             y = int4_cpu_mm(x.reshape(-1, self.in_features), packed)[:, :self.out_features]  # (M, N)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias.to(y.dtype) if self.bias is not None else y
+            return y + bias.to(y.dtype) if bias is not None else y
         else:
             weight = packed
-        return nn.functional.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
+        return nn.functional.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+
+
+class _FrozenInt4Product(torch.autograd.Function):
+    """``x @ W^T`` for a frozen int4 weight, differentiable in ``x`` only (what LoRA training over it needs).
+
+    Forward runs the layer's own kernel; backward dequantizes the weight again, one layer at a time, for
+    ``grad_x = grad_y @ W``, and drops it. Nothing but the packed int4 weight stays between the two passes: a
+    plain ``linear`` over a dequantized weight would keep that dense weight alive until backward, every layer's
+    at once, which is the memory int4 was meant to save.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: Int4WeightOnlyLinear, packed: Any) -> torch.Tensor:
+        ctx.layer, ctx.packed = layer, packed
+        return layer.product(x, packed, layer.bias)  # (..., N); the bias, a buffer, takes no gradient
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight = ctx.layer.dequantized(ctx.packed).to(grad.dtype)  # (N, K), freed on return
+        return grad @ weight, None, None  # (..., K)
 
 
 # -- the quantizer -------------------------------------------------------------------------------------------

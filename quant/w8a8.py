@@ -4,7 +4,7 @@ With token compression the vision encoder does most of the work before the first
 compute-bound: int8 matrix units do it at up to 4x the fp32 rate. Weights are int8 per output channel
 (symmetric, scale = max |w| / 127); activations are quantized per call, so no calibration is needed.
 
-The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench-quant``):
+The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench quant-ttft``):
 on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles (Sapphire Rapids
 and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at one row, 1.6x at 256
 rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU, 25x slower than fp32 at 256
@@ -21,7 +21,6 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,34 +28,10 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant.configs import W8A8Config
 from nvila.quant.packed_linear import PackedLinear, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
-KERNELS = ("auto", "onednn", "fbgemm", "torchao")
-DTYPES = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class W8A8Config:
-    """int8 weights (per output channel) and int8 activations (quantized at run time)."""
-
-    kernel: str = "auto"
-    """'auto' picks by device (CPU with AMX: onednn; other x86 CPUs: fbgemm; CUDA: torchao), or name one of
-    onednn, fbgemm (CPU, torch.ao dynamic int8) or torchao (any device; slow on CPUs)."""
-    dtype: str = "auto"
-    """What the part's other layers (attention, norms, embeddings) compute in: 'fp32', 'bf16', or 'auto': bf16
-    where this CPU has bf16 matrix instructions (AVX512-BF16, AMX), else fp32 (bf16 is 6.7x slower than fp32
-    without them: API notes, section 4)."""
-    skip: list[str] = field(default_factory=list)
-    """Linear layers left in full precision: fnmatch patterns on the qualified name or its last part."""
-
-    def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-
-
 def cpu_has(feature: str) -> bool:
     """Whether this CPU has ``amx`` (AMX tiles), ``vnni`` (int8 dot products) or ``bf16`` (AVX512-BF16), by
     torch's own probes."""

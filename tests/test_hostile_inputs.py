@@ -15,7 +15,7 @@ from nvila.core.data.skips import Skipped
 from nvila.core.media import ImageRefused, open_image
 from nvila.core.model import NvilaModel
 from nvila.workflows.commands import main
-from tests.corpus.make_corpus import BAD_SAMPLES, LLAVA_LINES, RECIPES, bomb_png, write_corpus
+from tests.corpus.make_corpus import BAD_SAMPLES, LLAVA_LINES, RECIPES, TRUNCATED, bomb_png, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,18 @@ def test_eval_skips_and_counts_bad_samples_and_stops_when_none_is_left(corpus, c
     assert rc == 0 and "on 4 questions" in out and f"skipped {len(BAD_SAMPLES)} sample(s)" in out, out
     rc, _, err = run(capsys, ["eval", "--ckpt", str(ckpt), "--shards", str(corpus / "shards" / "all_bad")])
     assert rc == 2 and "No question could be evaluated" in err
+
+
+def test_a_truncated_shard_counts_each_sample_it_lost_or_says_the_number_is_unknown(corpus, ckpt, capsys):
+    written, lost = TRUNCATED
+    rc, out, err = run(capsys, ["eval", "--ckpt", str(ckpt), "--shards", str(corpus / "shards" / "truncated")])
+    assert rc == 0 and f"on {written - lost} questions" in out, out
+    assert f"skipped {lost} sample(s) (unreadable_shard: {lost})" in out, out
+    assert f"{lost} of its {written} samples lost ({written - lost} read) [unreadable_shard]" in err, err
+    # shards another tool wrote record no counts: one skip for the shard, and the log says the number is unknown
+    rc, out, err = run(capsys, ["eval", "--ckpt", str(ckpt), "--shards",
+                                str(corpus / "shards" / "truncated_foreign")])
+    assert rc == 0 and "(unreadable_shard: 1)" in out and "the number of samples lost is unknown" in err, (out, err)
 
 
 def test_generate_refuses_bad_images_and_overlong_prompts_in_one_line(corpus, ckpt, capsys):

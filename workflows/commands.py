@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -100,6 +101,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--val", type=int, default=500, help="validation samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a finished shard set in --out written with other settings (refused otherwise)")
     convert = data_sub.add_parser("convert", help="convert LLaVA JSON plus a media folder into webdataset shards")
     convert.add_argument("--llava-json", required=True, help="LLaVA-style .json list (or .jsonl) of records")
     convert.add_argument("--media-root", required=True, help="folder the records' image/video paths are relative to")
@@ -108,6 +111,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("--source", default=None, help="data set name for records without one (default: file stem)")
     convert.add_argument("--allow-outside-media-root", action="store_true",
                          help="read media paths leaving --media-root (../, absolute paths, links); refused otherwise")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a finished shard set in --out (refused otherwise)")
 
 
 def _data(args: argparse.Namespace, rest: list[str]) -> None:
@@ -115,13 +120,13 @@ def _data(args: argparse.Namespace, rest: list[str]) -> None:
         from nvila.core.data.convert import REPORT_FILE, convert_llava
 
         report = convert_llava(args.llava_json, args.media_root, args.out, args.shard_size, args.source,
-                               allow_outside_media_root=args.allow_outside_media_root)
+                               allow_outside_media_root=args.allow_outside_media_root, overwrite=args.overwrite)
         print(report.summary())
         print(f"report: {Path(args.out) / REPORT_FILE}")
         return
     from nvila.core.data.synthetic import write_dataset
 
-    splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size)
+    splits = write_dataset(Path(args.out), args.train, args.val, args.seed, args.image_size, overwrite=args.overwrite)
     for split, shards in splits.items():
         print(f"{split}: {len(shards)} shard(s) in {Path(args.out) / split}")
 
@@ -155,21 +160,26 @@ def _prune(args: argparse.Namespace, rest: list[str]) -> None:
 # -- bench ----------------------------------------------------------------------------------------------------
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     # no `choices`: listing the suites imports torch, and every `nvila` command builds this parser
-    parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data, prefill or "
-                                      "serve (nvila.workflows.bench.suites.SUITES)")
+    parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data, prefill, "
+                                      "serve, quant-ttft, quant-decode, quant-peer, quant-quality or qlora "
+                                      "(nvila.workflows.bench.suites.SUITES)")
     parser.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="run only the configurations whose name contains TEXT (repeatable)")
     parser.add_argument("--include-slow-bf16", action="store_true",
                         help="on a CPU without bf16 hardware, run the bf16 configurations (last) instead of skipping")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the measurements")
+    parser.add_argument("--ckpt", help="quant-quality: a trained checkpoint instead of random weights")
+    parser.add_argument("--calib", metavar="SHARDS", help="quant-quality: shards to calibrate AWQ on")
+    parser.add_argument("--held-out", metavar="SHARDS", help="quant-quality: held-out shards to compare answers on")
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> None:
     from nvila.workflows.bench import BenchOptions, run_bench
 
     run_bench(args.suite, BenchOptions(out=args.out, only=args.only, include_slow_bf16=args.include_slow_bf16,
-                                       threads=args.threads, command=args.command_line))
+                                       threads=args.threads, command=args.command_line, ckpt=args.ckpt,
+                                       calib=args.calib, held_out=args.held_out))
 
 
 # -- eval, generate -------------------------------------------------------------------------------------------
@@ -221,49 +231,12 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
-    from nvila.workflows.prune import parse_pruner as parse_spec  # a name or an inline YAML spec -> a spec dict
+    from nvila.core.specs import parse_inline
     from nvila.workflows.quantize import quantize_checkpoint
 
-    quant = {part: parse_spec(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    quant = {part: parse_inline(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
     report = quantize_checkpoint(args.ckpt, args.out, quant, args.calib, args.calib_samples, args.seed)
     print(report.summary())
-
-
-def _bench_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    # quant_bench.SUITES, named here so that `nvila --help` does not import torch
-    suites = ("machine", "ttft", "decode", "peer", "quality", "qlora")
-    parser.add_argument("suites", nargs="+", choices=suites, metavar="SUITE",
-                        help=f"one or more of {', '.join(suites)} (the machine's limits are always measured first)")
-    parser.add_argument("--size", choices=["demo", "mid"], default="mid")
-    parser.add_argument("--images", nargs="+", default=["896x896", "1920x1080"], metavar="WxH")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per figure (the best is kept)")
-    parser.add_argument("--tokens", type=int, default=16, help="decode steps timed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on a shared machine)")
-    parser.add_argument("--calib", metavar="SHARDS", help="quality: shards to calibrate AWQ on")
-    parser.add_argument("--held-out", metavar="SHARDS", help="quality: held-out shards to compare answers on")
-    parser.add_argument("--ckpt", help="quality: a trained checkpoint (the demo's) instead of random weights")
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=32, help="quality: held-out conversations compared")
-    parser.add_argument("--eval-limit", type=int, default=200, help="quality: held-out questions answered")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (machine, ttft, decode, peer)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-
-
-def _bench_quant(args: argparse.Namespace, rest: list[str]) -> None:
-    import json
-
-    import torch
-
-    from nvila.workflows.quant_bench import as_dicts, machine, markdown, run_suites
-
-    torch.set_num_threads(args.threads)
-    rows = run_suites(args.suites, args.size, [parse_image_size(i) for i in args.images], args.repeats, args.tokens,
-                      args.calib, args.held_out, args.ckpt, args.calib_samples, args.samples, args.eval_limit,
-                      args.device)
-    print(f"Machine: {machine()}\n")
-    print(markdown(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": as_dicts(rows)}, indent=1))
 
 
 # -- plan -----------------------------------------------------------------------------------------------------
@@ -336,16 +309,14 @@ COMMANDS: dict[str, Command] = {
     "data": Command("data tools", _data, _data_arguments),
     "prune": Command("score every sample with a pruner and keep a fraction of each data set", _prune,
                      _prune_arguments),
-    "bench": Command("measure training memory and speed, data throughput or prefill time, configurations side by "
-                     "side; one Markdown and JSON report", _bench, _bench_arguments),
+    "bench": Command("measure training memory and speed, data throughput, prefill time or quantized inference, "
+                     "configurations side by side; one Markdown and JSON report", _bench, _bench_arguments),
     "eval": Command("answer held-out questions with a checkpoint and report accuracy", _eval, _eval_arguments),
     "plan": Command("tile grid, tokens, FLOPs and activation memory of an image or a video under a recipe "
                     "(no weights needed)", _plan, _plan_arguments, passes_through=True,
                     description="Override the recipe as in nvila fit: --model.encoder.max_tiles=6"),
     "quantize": Command("quantize a checkpoint for serving: W8A8 vision tower, W4A16 language model (AWQ)",
                         _quantize, _quantize_arguments),
-    "bench-quant": Command("measure quantized inference: machine limits, time to first token, decode, the "
-                           "LLaVA-OneVision peer, quality", _bench_quant, _bench_quant_arguments),
     "generate": Command("answer a question about images or a video, streaming the answer token by token",
                         *_in_module("nvila.workflows.generate")),
     "convert": Command("convert a checkpoint between the released NVILA layout and nvila's",
@@ -405,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nvila: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nvila: interrupted", file=sys.stderr)  # what was written whole stays; see docs/reliability.md
+        return 130
+    except BrokenPipeError:  # `nvila plugins | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     return 0
 
 

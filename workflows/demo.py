@@ -17,7 +17,7 @@ def run_demo(out: str = "nvila-demo", train_samples: int = 20000, val_samples: i
     """Run the whole demo and print what it learned; returns the figures it printed."""
     root = Path(out)
     print(f"[1/3] Writing synthetic shards to {root / 'data'} ...", flush=True)
-    write_dataset(root / "data", train=train_samples, val=val_samples)
+    write_dataset(root / "data", train=train_samples, val=val_samples, overwrite=True)  # the demo's own data
 
     print("[2/3] Training a tiny NVILA (SigLIP -> STC 2x2 -> MLP -> Qwen2) on the CPU ...", flush=True)
     start = time.perf_counter()

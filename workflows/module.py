@@ -8,14 +8,15 @@ directory), and memory switches (``gradient_checkpointing``, ``loss``).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, get_type_hints
 
 import lightning as L
 import torch
 
-from nvila.core.checkpoint import load_tokenizer, load_weights
+from nvila.core.checkpoint import load_tokenizer, load_weights, read_spec
 from nvila.core.errors import NvilaError
 from nvila.core.model import MODEL_PARTS, ModelSpec, NvilaModel
 from nvila.core.processor import IGNORE_INDEX
@@ -23,6 +24,8 @@ from nvila.core.registry import did_you_mean
 from nvila.core.specs import build
 from nvila.workflows.objectives import OBJECTIVES
 from nvila.workflows.peft import apply_peft, parse_peft
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,9 +76,6 @@ class NvilaModule(L.LightningModule):
         self.spec, self.settings = spec, settings or TrainingSettings()
         self.save_hyperparameters({**spec.to_dict(), **asdict(self.settings)})
         self.spec.validate(prefix="model.")
-        if self.spec.quant:
-            raise NvilaError(f"model.quant ({', '.join(self.spec.quant)}) is for serving: a quantized model does not "
-                             "train. Train in full precision, then run `nvila quantize` on the checkpoint.")
         train = self.settings
         if train.loss not in OBJECTIVES:
             raise NvilaError(f"model.loss '{train.loss}' is unknown.{did_you_mean(train.loss, list(OBJECTIVES))} "
@@ -88,9 +88,7 @@ class NvilaModule(L.LightningModule):
         self.precision_backend.check_available()
 
         tokenizer = load_tokenizer(train.init_from) if train.init_from else None
-        self.model = NvilaModel(self.spec, tokenizer=tokenizer)
-        if train.init_from:
-            load_weights(self.model, train.init_from)
+        self.model = self._build_model(tokenizer, peft_settings is not None)
         if peft_settings is not None:
             apply_peft(self.model, peft_settings)
         for name in train.freeze or []:
@@ -102,6 +100,37 @@ class NvilaModule(L.LightningModule):
                 except NotImplementedError as exc:
                     raise NvilaError(f"model.gradient_checkpointing: {exc}.") from None
         self.precision_backend.prepare(self.model)
+
+    def _build_model(self, tokenizer: Any, lora: bool) -> NvilaModel:
+        """The model, with ``init_from``'s weights. A quantized spec (a W4A16 language model under LoRA: QLoRA-style,
+        see :mod:`nvila.workflows.qlora`) starts from a checkpoint quantized the same way (``nvila quantize``), or
+        from a full-precision one that is quantized here with round-to-nearest scales."""
+        init_from, quant = self.settings.init_from, self.spec.quant
+        start_quant = read_spec(init_from).quant if init_from else {}
+        if start_quant:  # the int4 weights (AWQ's scales included) come from the checkpoint, as it was quantized
+            if not quant:
+                raise NvilaError(f"model.init_from '{init_from}' is quantized ({start_quant}); training over it needs "
+                                 "model.quant in the recipe (stages/qlora), or start from its full-precision "
+                                 "checkpoint.")
+            differ = {k: v for part, spec in quant.items() for k, v in spec.items()
+                      if start_quant.get(part, {}).get(k) != v}
+            if differ:
+                log.warning("model.quant: init_from '%s' was quantized as %s; training keeps those weights (the "
+                            "recipe's %s applies to a full-precision start only)", init_from, start_quant, differ)
+            quant = start_quant
+            self.spec = replace(self.spec, quant=quant)
+        if quant:
+            from nvila.workflows.qlora import check_quantized_training
+
+            check_quantized_training(quant, lora, starts_quantized=bool(start_quant))
+        if start_quant:
+            return load_weights(NvilaModel(self.spec, tokenizer=tokenizer), init_from)
+        model = NvilaModel(replace(self.spec, quant={}), tokenizer=tokenizer)
+        if init_from:
+            load_weights(model, init_from)
+        if quant:
+            model.quantize(quant)
+        return model
 
     def _submodule(self, name: str) -> torch.nn.Module:
         try:

@@ -2,14 +2,16 @@
 vision encoder, and a lower learning rate for the vision side (set with ``lr_multipliers``).
 
 LoRA comes from the ``peft`` library. For export, adapters are merged into the base weights, so a PEFT
-checkpoint has exactly the layout of a fully fine-tuned one.
+checkpoint has exactly the layout of a fully fine-tuned one. Over a W4A16 language model (QLoRA-style, stage
+``stages/qlora``) the adapters wrap its int4 layers instead (:mod:`nvila.workflows.qlora`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from nvila.core.errors import NvilaError
@@ -68,6 +70,10 @@ def apply_peft(model: NvilaModel, settings: PeftSettings) -> None:
                          "model.peft.lora.target_modules.")
     config = LoraConfig(r=settings.lora.r, lora_alpha=settings.lora.alpha, lora_dropout=settings.lora.dropout,
                         target_modules=list(targets), bias="none")
+    if "llm" in model.spec.quant:  # a W4A16 language model: adapters around its int4 layers (QLoRA-style)
+        from nvila.workflows.qlora import register_int4_lora
+
+        register_int4_lora(config)
     try:
         model.llm.model = get_peft_model(model.llm.model, config)
     except ValueError as exc:
@@ -75,6 +81,10 @@ def apply_peft(model: NvilaModel, settings: PeftSettings) -> None:
         detail = " ".join(str(exc).split())[:200]
         raise NvilaError(f"LoRA target modules {targets} match nothing in the language model ({detail}). "
                          f"Its linear layers are named: {', '.join(names)}.") from None
+    if "llm" in model.spec.quant:
+        from nvila.workflows.qlora import use_training_kernel
+
+        use_training_kernel(model.llm)
     if settings.vision == "layernorm":
         norms = [m for m in model.encoder.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
                  or type(m).__name__.endswith("RMSNorm")]
@@ -93,16 +103,29 @@ def merge_lora(model: NvilaModel) -> None:
 
     A base weight stored in lower precision than its adapters (bf16 under ``frozen_in_bf16``) is first
     raised to the adapters' dtype: the fine-tuning's small updates would otherwise round away in the merge.
+    Over a W4A16 language model the adapters merge into the dequantized weights and the whole language model
+    leaves int4 for the adapters' dtype, its spec losing ``quant.llm`` (see :mod:`nvila.workflows.qlora`).
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(model.llm.model, PeftModel):
         return
+    adapter_dtype = None
     for layer in model.llm.model.modules():
         if isinstance(layer, LoraLayer) and layer.lora_A:
             base = layer.get_base_layer()
             adapter_dtype = next(iter(layer.lora_A.values())).weight.dtype
-            if base.weight.dtype.itemsize < adapter_dtype.itemsize:
+            weight = getattr(base, "weight", None)
+            if weight is not None and weight.dtype.itemsize < adapter_dtype.itemsize:
                 base.to(adapter_dtype)
     model.llm.model = model.llm.model.merge_and_unload()
+    if "llm" in model.spec.quant:
+        from nvila.workflows.qlora import dequantize_linears
+
+        dtype = adapter_dtype or torch.float32
+        dequantize_linears(model.llm, dtype)
+        for param in model.llm.parameters():  # embeddings and norms, which W4A16 kept in 16 bits
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        model.spec = replace(model.spec, quant={k: v for k, v in model.spec.quant.items() if k != "llm"})

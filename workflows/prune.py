@@ -20,18 +20,18 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
-import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
 from nvila.core.checkpoint import load_checkpoint
 from nvila.core.data.packing import as_formed
 from nvila.core.data.shards import SampleDecoder, find_shards
+from nvila.core.data.shardset import ShardSetWriter, check_output
 from nvila.core.data.skips import ShardErrors, Skipped
 from nvila.core.errors import NvilaError
 from nvila.core.processor import Encoded, NvilaProcessor, collate
 from nvila.core.pruning import Pruner, ScoringBatch, select
-from nvila.core.specs import as_dict, build
+from nvila.core.specs import build, parse_inline
 
 log = logging.getLogger(__name__)
 REPORT_FILE, HISTOGRAM_FILE, SCORES_FILE = "prune-report.json", "scores.png", "scores.jsonl"
@@ -154,12 +154,6 @@ class PruneResult:
         return "\n".join(lines)
 
 
-def parse_pruner(spec: str) -> dict[str, Any]:
-    """``deltaloss`` or an inline YAML spec ``{name: random, seed: 3}`` -> a spec dict."""
-    parsed = yaml.safe_load(spec) if spec.strip().startswith("{") else spec
-    return as_dict(parsed)
-
-
 def load_models(pruner: Pruner, checkpoints: dict[str, str | None]) -> dict[str, torch.nn.Module]:
     """The checkpoints a pruner needs, by role; a clear error names the missing flags."""
     missing = [role for role in pruner.models if not checkpoints.get(role)]
@@ -171,9 +165,10 @@ def load_models(pruner: Pruner, checkpoints: dict[str, str | None]) -> dict[str,
 
 
 def write_kept(shards: list[str], kept: set[str], out: Path, shard_size: int) -> list[str]:
-    """Copy the kept samples, byte for byte and in input order, into new shards under ``out``."""
+    """Copy the kept samples, byte for byte and in input order, into new shards under ``out`` (replacing the
+    shard set a previous prune left there; an interrupted one leaves no partial shard)."""
     written: set[str] = set()
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    with ShardSetWriter(out, shard_size, writer="nvila prune", overwrite=True) as sink:
         for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
             if f"{sample['__url__']}:{sample['__key__']}" not in kept:
                 continue
@@ -182,7 +177,7 @@ def write_kept(shards: list[str], kept: set[str], out: Path, shard_size: int) ->
                 key += "_"
             written.add(key)
             sink.write({"__key__": key, **{k: v for k, v in sample.items() if not k.startswith("__")}})
-    return sorted(p.name for p in out.glob("shard-*.tar"))
+    return [p.name for p in sink.paths]
 
 
 def plot_scores(scores: list[tuple[str, float, bool]], path: Path, title: str) -> None:
@@ -212,7 +207,7 @@ def run_prune(pruner_spec: str, keep: float, inp: str, out: str, small_ckpt: str
     """Score, select, write and report; returns the result on rank 0 (None on the other ranks)."""
     if not 0 < keep <= 1:
         raise NvilaError(f"--keep must be in (0, 1], got {keep}.")
-    spec = parse_pruner(pruner_spec)
+    spec = parse_inline(pruner_spec)
     pruner = build("pruner", dict(spec))
     models = load_models(pruner, {"small": small_ckpt, "large": large_ckpt})
     shards = find_shards(inp)
@@ -220,8 +215,7 @@ def run_prune(pruner_spec: str, keep: float, inp: str, out: str, small_ckpt: str
     if out_dir.resolve() == Path(inp).resolve():
         raise NvilaError("--out must differ from --in: pruning writes new shards and keeps the originals.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("shard-*.tar"):
-        old.unlink()
+    check_output(out_dir)  # before scoring; rank 0 replaces a previous prune's shards when it writes
 
     stream = ScoringStream(shards, {role: m.processor for role, m in models.items()}, batch_size)
     loader = DataLoader(stream, batch_size=None, collate_fn=as_formed, num_workers=min(num_workers, len(shards)))

@@ -14,9 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
-
 from nvila.core.data.shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VIDEO_TOKEN
+from nvila.core.data.shardset import ShardSetWriter, prepare_output
 from nvila.core.errors import NvilaError
 from nvila.core.media import ImageRefused, max_image_pixels, open_header
 from nvila.core.processor import IMAGE_TOKEN, NvilaProcessor
@@ -108,11 +107,13 @@ def _key(index: int, record_id: str) -> str:
 
 def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Path, shard_size: int = 1000,
                   source: str | None = None, allow_outside_media_root: bool = False,
-                  max_pixels: int | None = None) -> ConvertReport:
+                  max_pixels: int | None = None, overwrite: bool = False) -> ConvertReport:
     """Write the records of ``llava_json`` as shards under ``out``; returns (and saves) the report.
 
     Media paths must stay inside ``media_root`` unless ``allow_outside_media_root``; image headers are held to
     the pixel limit (:mod:`nvila.core.media`). A bad record is counted, named by its line, and left out.
+    Shards go through :class:`ShardSetWriter`: an interrupted conversion leaves no partial shard and a rerun
+    starts clean; a finished shard set in ``out`` is replaced only with ``overwrite``.
     """
     llava_json, media_root, out = Path(llava_json), Path(media_root), Path(out)
     if not llava_json.is_file():
@@ -122,12 +123,12 @@ def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Pat
     if shard_size < 1:
         raise NvilaError(f"--shard-size must be at least 1, got {shard_size}.")
     limit = max_image_pixels(max_pixels)
+    prepare_output(out, overwrite)  # before reading: a refusal costs nothing
     records = read_llava(llava_json)
-    out.mkdir(parents=True, exist_ok=True)
     report = ConvertReport()
     default_source = source or llava_json.stem
     context = _Context(media_root, media_root.resolve(), default_source, allow_outside_media_root, limit, report)
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    with ShardSetWriter(out, shard_size, writer="nvila data convert", prepared=True) as sink:
         for index, (where, record) in enumerate(records):
             if isinstance(record, ValueError):
                 report.skip("unreadable_line", where, str(record))
@@ -136,7 +137,7 @@ def convert_llava(llava_json: str | Path, media_root: str | Path, out: str | Pat
             if sample is not None:
                 sink.write(sample)
                 report.written += 1
-    report.shards = sorted(p.name for p in out.glob("shard-*.tar"))
+    report.shards = [p.name for p in sink.paths]
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
     return report
 

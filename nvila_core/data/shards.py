@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from nvila.core.data.packing import Batching, skips_only
+from nvila.core.data.shardset import PARTIAL, check_set
 from nvila.core.data.skips import DataHealth, ShardErrors, Skipped
 from nvila.core.data.video import VideoDecodeError, VideoSampling, decode_video
 from nvila.core.errors import NvilaError
@@ -40,17 +41,22 @@ VIDEO_TOKEN = "<video>"
 
 
 def find_shards(location: str | Path) -> list[str]:
-    """Tar shards of a directory (sorted), or a single shard file; a clear error when there are none."""
+    """Tar shards of a directory (sorted), or a single shard file; a clear error when there are none, a warning
+    for a set an interrupted writer left (:mod:`nvila.core.data.shardset`)."""
     path = Path(location)
+    if path.is_file() and path.name.endswith(PARTIAL):
+        raise NvilaError(f"'{location}' is a shard its writer never finished (it was interrupted); rerun the "
+                         "writer, which removes it and starts clean.")
     if path.is_file():
         return [str(path)]
     if not path.exists():
         raise NvilaError(f"Shard directory '{location}' does not exist. Create shards with "
                          "`nvila data synth --out DIR` or point the recipe at your own.")
-    shards = sorted(str(p) for p in path.glob("*.tar"))
+    shards = sorted(str(p) for p in path.glob("*.tar"))  # never a writer's unfinished `*.tar.partial`
     if not shards:
         raise NvilaError(f"No *.tar shards in '{location}'. A shard set is a directory of webdataset tar "
                          "files; `nvila data synth --out DIR` writes an example.")
+    check_set(path, shards)
     return shards
 
 

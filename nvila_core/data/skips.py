@@ -15,7 +15,10 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from nvila.core.data.shardset import MANIFEST as _MANIFEST
+from nvila.core.data.shardset import sample_counts
 from nvila.core.errors import NvilaError
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ REASONS: dict[str, str] = {
     "media_without_placeholder": "more media files than <image>/<video> placeholders",
     "video_unsupported": "video not supported by this model's processor",
     "too_long": "more tokens than max_length (truncating would cut through media or the answer)",
-    "unreadable_shard": "a truncated or unreadable tar shard (the rest of that shard is lost)",
+    "unreadable_shard": "a sample lost to a truncated or unreadable tar shard (one record per sample lost when "
+                        "the shard set records its counts, else one per shard)",
     "encode_error": "the processor refused the sample for another reason",
 }
 """Every reason a sample is skipped, with what it means (also the columns of the training logs)."""
@@ -38,7 +42,7 @@ REASONS: dict[str, str] = {
 
 @dataclass  # not frozen: Lightning rebuilds dataclasses in a batch when it moves the batch to the device
 class Skipped:
-    """One sample (or, for ``unreadable_shard``, the rest of a shard) that was not used."""
+    """One sample that was not used (for ``unreadable_shard`` without counts: the unknown rest of a shard)."""
 
     reason: str
     """One of :data:`REASONS`."""
@@ -58,14 +62,25 @@ class Skipped:
 
 
 class ShardErrors:
-    """A webdataset ``handler`` that records shard-level errors (a truncated tar) as :class:`Skipped`.
+    """Shard-level damage (a truncated or unreadable tar) as :class:`Skipped` records, one per sample lost.
 
-    Lives in the worker next to the stream it handles; :meth:`drain` hands the records to the batching stage.
+    Two parts work together in the worker that reads the shards: the webdataset ``handler`` (``__call__``)
+    notes a shard's read error, and the :meth:`check_ends` stage counts the samples read from each shard and,
+    at the shard's end, settles its account. When the shard set has a manifest of sample counts
+    (:mod:`nvila.core.data.shardset`), a shard that yielded fewer samples than it holds gives one
+    ``unreadable_shard`` record per sample lost, so the skip total is the true number; without counts (shards
+    another tool wrote) a damaged shard gives one record, whose detail says the number lost is unknown.
+    Each shard is read by exactly one worker of one rank, so every loss is counted once. :meth:`drain` hands
+    the records to the batching stage.
     """
 
     def __init__(self) -> None:
         self.pending: list[Skipped] = []
-        self._reported: set[str] = set()
+        self._errors: dict[str, str] = {}
+        """Shards with a read error not yet settled: url -> the error."""
+        self._settled: set[str] = set()
+        self._counts: dict[str, dict[str, int] | None] = {}
+        """Per shard directory, the manifest's samples per shard (None: no manifest)."""
 
     def __call__(self, exc: Exception) -> bool:
         # webdataset appends (stream, url) to the error's args, or " @ <file object>" to its message
@@ -77,38 +92,78 @@ class ShardErrors:
         return True  # go on with the next shard
 
     def report(self, shard: str, detail: str) -> None:
-        """Record a shard-level problem found elsewhere (once per shard)."""
-        if shard not in self._reported:
-            self._reported.add(shard)
-            self.pending.append(Skipped("unreadable_shard", shard, detail).log())
+        """Note a shard-level problem (the first per shard is kept); counted when the shard's account is settled."""
+        if shard not in self._settled:
+            self._errors.setdefault(shard, detail)
 
     def check_ends(self, samples: Iterator[dict]) -> Iterator[dict]:
-        """A webdataset stage: passes raw samples through, and reports each local shard it has read to the end
-        that lacks tar's end-of-archive marker. Python's tarfile stops silently at a header cut short, so a
-        shard truncated between or inside member headers looks like a shorter, valid one.
+        """A webdataset stage: passes raw samples through, counting them per shard, and settles each shard's
+        account when the stream moves past it. A local shard read to the end must end with tar's
+        end-of-archive marker: Python's tarfile stops silently at a header cut short, so a shard truncated
+        between or inside member headers looks like a shorter, valid one.
         """
-        current = None
+        current, read = None, 0
         for sample in samples:
             url = sample.get("__url__")
             if url != current:
-                self._check_end(current)
-                current = url
+                self._settle(current, read)
+                self._settle_unread(keep=url)
+                current, read = url, 0
+            read += 1
             yield sample
-        self._check_end(current)
+        self._settle(current, read)
+        self._settle_unread(keep=None)
 
-    def _check_end(self, url: str | None) -> None:
-        if url is None or not os.path.isfile(url):
+    def _settle_unread(self, keep: str | None) -> None:
+        """Settle the shards that failed before yielding a single sample (all their samples are lost)."""
+        for shard in [s for s in self._errors if s != keep]:
+            self._settle(shard, 0)
+
+    def _settle(self, url: str | None, read: int) -> None:
+        if url is None or url in self._settled:
             return
-        size = os.path.getsize(url)
-        with open(url, "rb") as f:
-            f.seek(max(size - 1024, 0))
-            tail = f.read()
-        if size % 512 or size < 1024 or tail.strip(b"\0"):
-            self.report(url, f"truncated: {size} bytes and no end-of-archive marker")
+        self._settled.add(url)
+        detail = self._errors.pop(url, None)
+        if detail is None and os.path.isfile(url):
+            detail = _missing_end(url)
+        expected = self._expected(url)
+        if expected is not None and read < expected:
+            lost = expected - read
+            detail = (f"{detail or 'the shard ended early'}; {lost} of its {expected} samples lost "
+                      f"({read} read)")
+            log.warning("skipped %d samples of %s: %s [unreadable_shard]", lost, url, detail)
+            self.pending.extend(Skipped("unreadable_shard", url, detail) for _ in range(lost))
+        elif detail is not None and expected is None:
+            self.pending.append(Skipped("unreadable_shard", url, f"{detail}; the number of samples lost is "
+                                        f"unknown (no {_MANIFEST} beside the shard lists its count)").log())
+        elif detail is not None:  # every sample was read: only the archive's tail (its end marker) is damaged
+            log.warning("%s: %s, but all its %d samples were read", url, detail, expected)
+
+    def _expected(self, url: str) -> int | None:
+        """Samples the shard holds, from its set's manifest; None when unknown."""
+        if url == "?" or "://" in url or url.startswith("pipe:"):  # a remote shard: no manifest to ask
+            return None
+        path = Path(url)
+        directory = str(path.parent)
+        if directory not in self._counts:
+            self._counts[directory] = sample_counts(directory)
+        counts = self._counts[directory]
+        return None if counts is None else counts.get(path.name)
 
     def drain(self) -> list[Skipped]:
         out, self.pending = self.pending, []
         return out
+
+
+def _missing_end(url: str) -> str | None:
+    """Why a local tar file is cut short (no end-of-archive marker), or None when it ends as tar should."""
+    size = os.path.getsize(url)
+    with open(url, "rb") as f:
+        f.seek(max(size - 1024, 0))
+        tail = f.read()
+    if size % 512 or size < 1024 or tail.strip(b"\0"):
+        return f"truncated: {size} bytes and no end-of-archive marker"
+    return None
 
 
 @dataclass

@@ -7,14 +7,16 @@ two words. Everything is drawn from a seeded generator, so a seed gives the same
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image, ImageDraw
+
+from nvila.core.data.shardset import ShardSetWriter, prepare_output, read_manifest
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -102,23 +104,37 @@ def chance_accuracy(qtypes: list[str]) -> float:
     return sum(1 / len(QUESTIONS[q][1]) for q in qtypes) / max(len(qtypes), 1)
 
 
-def write_split(out: Path, count: int, seed: int, image_size: int = 64, shard_size: int = 1000) -> list[Path]:
-    """Write ``count`` samples as webdataset tar shards (png + json per sample) under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_split(out: Path, count: int, seed: int, image_size: int = 64, shard_size: int = 1000,
+                overwrite: bool = False) -> list[Path]:
+    """Write ``count`` samples as webdataset tar shards (png + json per sample) under ``out``.
+
+    Through :class:`ShardSetWriter`: an interrupted run leaves no partial shard, and a rerun starts clean. A
+    finished split written with the same settings is kept as it is (a rerun after an interruption in the
+    next split resumes there); a different finished one is refused unless ``overwrite``.
+    """
+    out = Path(out)
+    params = {"count": count, "seed": seed, "image_size": image_size, "shard_size": shard_size,
+              "generator": _generator_fingerprint()}
+    if prepare_output(out, overwrite, params):
+        return sorted(out / name for name in read_manifest(out)["shards"])
     rng = random.Random(seed)
-    pattern = str(out / "shard-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+    with ShardSetWriter(out, shard_size, writer="nvila data synth", params=params, prepared=True) as sink:
         for i in range(count):
             sample = make_sample(rng, f"{seed:04d}-{i:07d}", image_size)
             png = io.BytesIO()
             sample.image.save(png, format="PNG")
             sink.write({"__key__": sample.key, "png": png.getvalue(),
                         "json": json.dumps(sample.conversation()).encode()})
-    return sorted(out.glob("shard-*.tar"))
+    return sink.paths
+
+
+def _generator_fingerprint() -> str:
+    """A digest of this module's source: a split written by other generator code is never kept as the same."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def write_dataset(out: Path, train: int = 20000, val: int = 500, seed: int = 0,
-                  image_size: int = 64) -> dict[str, list[Path]]:
+                  image_size: int = 64, overwrite: bool = False) -> dict[str, list[Path]]:
     """Train and validation splits under ``out/train`` and ``out/val``, from independent seeds."""
-    return {"train": write_split(out / "train", train, seed * 2 + 1, image_size),
-            "val": write_split(out / "val", val, seed * 2 + 2, image_size)}
+    return {"train": write_split(out / "train", train, seed * 2 + 1, image_size, overwrite=overwrite),
+            "val": write_split(out / "val", val, seed * 2 + 2, image_size, overwrite=overwrite)}

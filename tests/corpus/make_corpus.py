@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from nvila.core.data.shardset import ShardSetWriter
+
 
 def png(size: tuple[int, int] = (8, 8), mode: str = "RGB") -> bytes:
     out = io.BytesIO()
@@ -54,6 +56,22 @@ BAD_SAMPLES = {  # key -> (files, skip reason)
     "nomedia": ({"json": conv()}, "placeholder_without_media"),
 }
 
+TRUNCATED = (6, 3)
+"""The truncated shards: samples written, samples lost (the shard is cut inside the header of sample 3)."""
+
+
+def write_truncated(directory: Path) -> Path:
+    """A shard written by nvila (so its set records how many samples it holds), then cut short."""
+    with ShardSetWriter(directory, TRUNCATED[0], writer="make_corpus") as sink:
+        for i in range(TRUNCATED[0]):
+            sink.write({"__key__": f"s{i}", "png": png(), "json": conv()})
+    (shard,) = sink.paths
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[2 * (TRUNCATED[0] - TRUNCATED[1])].offset + 100  # two files per sample
+    shard.write_bytes(shard.read_bytes()[:cut])
+    return shard
+
+
 RECIPES = {  # file name -> (text, the message it must get)
     "python_tag.yaml": ("model: !!python/object/apply:os.system ['echo pwned']\n", "uses a YAML tag"),
     "python_name.yaml": ("model:\n  lr: !!python/name:os.system\n", "uses a YAML tag"),
@@ -86,11 +104,12 @@ def write_corpus(out: Path) -> Path:
     good = {f"good{i}": {"png": png(), "json": conv()} for i in range(4)}
     write_tar(out / "shards" / "mixed" / "shard-0.tar", {**good, **{k: f for k, (f, _) in BAD_SAMPLES.items()}})
     write_tar(out / "shards" / "all_bad" / "shard-0.tar", {k: f for k, (f, _) in BAD_SAMPLES.items()})
-    full = write_tar(out / "shards" / "truncated" / "tmp.tar", {f"s{i}": {"png": png(), "json": conv()}
-                                                                 for i in range(6)})
+    write_truncated(out / "shards" / "truncated")
+    full = write_tar(out / "shards" / "truncated_foreign" / "tmp.tar", {f"s{i}": {"png": png(), "json": conv()}
+                                                                         for i in range(TRUNCATED[0])})
     data = full.read_bytes()
     full.unlink()
-    (out / "shards" / "truncated" / "shard-0.tar").write_bytes(data[:len(data) // 2])
+    (out / "shards" / "truncated_foreign" / "shard-0.tar").write_bytes(data[:len(data) // 2])
     for name, (text, _) in RECIPES.items():
         (out / "recipes").mkdir(parents=True, exist_ok=True)
         (out / "recipes" / name).write_text(text)

@@ -296,3 +296,75 @@ def test_training_runs_while_broken_plugins_are_installed(site, tmp_path, tiny_f
     (metrics,) = tmp_path.rglob("metrics.csv")
     assert "train/loss" in metrics.read_text()
     assert list(tmp_path.rglob("checkpoint/model.safetensors"))
+
+
+# -- a third-party plugin that registers its factory lazily -------------------------------------------------------
+LAZY_PLUGIN = '''
+from dataclasses import dataclass
+from nvila.core import hookimpl
+from nvila.core.registry import lazy
+
+@dataclass
+class LazyFlatConfig:
+    """Flattens each block, imported only when built."""
+    scale: float = 1.0
+
+@hookimpl
+def nvila_register(registry):
+    registry.add("compressor", "{name}", lazy("{impl}", "{attribute}"), LazyFlatConfig)
+'''
+LAZY_IMPL = '''
+from nvila.core.interfaces import Compressor
+
+class Flat(Compressor):
+    """Flattens each block."""
+    def __init__(self, config, in_channels=None):
+        super().__init__()
+    def output_shape(self, block_size, channels):
+        return block_size[0] * block_size[1], channels
+    def forward(self, blocks):
+        return blocks.flatten(1, 2) * 1.0
+'''
+
+
+def lazy_distribution(site: Path, dist: str, name: str, attribute: str = "Flat", impl_source: str = LAZY_IMPL) -> str:
+    """A fake distribution whose plugin module registers ``lazy("<dist>_impl", attribute)``; returns that module."""
+    impl = f"{dist}_impl"
+    (site / f"{impl}.py").write_text(impl_source)
+    fake_distribution(site, dist, name, f"{dist}_plugin", LAZY_PLUGIN.format(name=name, impl=impl,
+                                                                             attribute=attribute))
+    return impl
+
+
+def test_a_lazy_third_party_factory_is_listed_without_import_and_passes_the_kit(site):
+    impl = lazy_distribution(site, "lazyplug", "lazy-flat")
+    loaded = load_plugins()
+    component = loaded.registry.get("compressor", "lazy-flat")
+    assert component.summary == "Flattens each block, imported only when built." and impl not in sys.modules
+    assert check_distribution("lazyplug") == ["compressor:lazy-flat"]  # the kit builds it, which imports it
+    assert impl in sys.modules
+
+
+def test_the_kit_reports_a_lazy_factory_that_fails_to_import(site):
+    lazy_distribution(site, "lazybroken", "lazy-broken", impl_source="import not_a_module_anywhere\n")
+    with pytest.raises(ContractError, match=r"compressor 'lazy-broken' from lazybroken 0.2 failed the 'build from "
+                                            r"defaults' check: PluginLoadError: .*ModuleNotFoundError"):
+        check_distribution("lazybroken")
+
+
+def test_a_model_spec_resolves_lazy_factories_when_the_model_is_built(site, tiny_spec):
+    impl = lazy_distribution(site, "lazymodel", "lazy-model")
+    loaded = load_plugins()
+    assert impl not in sys.modules
+    model = NvilaModel({**tiny_spec, "compressor": {"name": "lazy-model"}}, loaded.registry)
+    assert type(model.compressor).__module__ == impl
+    tokens = model.visual_tokens(torch.zeros(1, 3, 32, 32), [(1, 1)])
+    assert tokens.shape == (16, tiny_spec["llm"]["hidden_size"])  # one 4 x 4 block of patches, flattened
+
+
+def test_building_a_lazy_factory_that_fails_names_its_distribution(site, tiny_spec):
+    lazy_distribution(site, "lazyattr", "lazy-attr", attribute="NoSuchClass")
+    loaded = load_plugins()
+    with pytest.raises(PluginLoadError, match=r"compressor 'lazy-attr' from lazyattr 0.2 could not be built: "
+                                              r"importing its factory lazyattr_impl.NoSuchClass failed"):
+        NvilaModel({**tiny_spec, "compressor": {"name": "lazy-attr"}}, loaded.registry)

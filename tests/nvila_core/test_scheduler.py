@@ -174,7 +174,21 @@ def test_a_failing_prefill_fails_its_request_only(engine, monkeypatch):
         scheduler.step()
 
 
-@pytest.mark.parametrize("settings", [{"max_batch": 0}, {"prefill_batch": 1.5}])
+@pytest.mark.parametrize("settings", [{"max_batch": 0}, {"prefill_batch": 1.5}, {"prefill_tokens": 0}])
 def test_bad_batch_settings_are_refused(engine, settings):
     with pytest.raises(NvilaError, match="must be a whole number of at least 1"):
         Scheduler(engine, **settings)
+
+
+def test_a_prefill_holds_at_most_prefill_tokens_once_padded_and_a_longer_prompt_goes_alone(engine):
+    config = DecodingConfig(max_new_tokens=3)
+    lengths = [len(engine.encode(r).input_ids) for r in REQUESTS[:3]]
+    scheduler = Scheduler(engine, max_batch=8, prefill_batch=8, prefill_tokens=2 * max(lengths))
+    for i in range(3):
+        scheduler.submit(engine.encode(REQUESTS[i]), config)
+    assert len(scheduler.step().admitted) == 2  # a third prompt would pad the prefill past the budget
+    assert len(scheduler.step().admitted) == 1
+    alone_too_long = Scheduler(engine, max_batch=8, prefill_batch=8, prefill_tokens=1)
+    for i in range(2):
+        alone_too_long.submit(engine.encode(REQUESTS[i]), config)
+    assert [len(alone_too_long.step().admitted) for _ in range(2)] == [1, 1]

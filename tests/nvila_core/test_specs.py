@@ -2,7 +2,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from nvila.core.errors import NvilaError, SpecError
-from nvila.core.specs import build, describe, field_docs, resolve, to_spec, validate_all
+from nvila.core.specs import build, describe, field_docs, parse_inline, resolve, to_spec, validate_all
 
 
 def test_values_are_coerced_to_the_config_types(registry):
@@ -63,3 +63,12 @@ def test_field_docstrings_feed_describe(registry):
     assert "Side k of the square block" in field_docs(component.config)["ratio"]
     text = describe(component)
     assert "ratio: int = 2" in text and "from nvila" in text
+
+
+def test_a_spec_typed_on_the_command_line_is_a_name_or_safe_inline_yaml():
+    assert parse_inline("deltaloss") == {"name": "deltaloss"}
+    assert parse_inline(" {name: w4a16, method: rtn, group_size: 64} ") == {
+        "name": "w4a16", "method": "rtn", "group_size": 64}
+    for bad in ("{name: [", "{name: !!python/object/apply:os.system [echo]}"):
+        with pytest.raises(SpecError, match="not valid YAML.*write it like"):
+            parse_inline(bad)

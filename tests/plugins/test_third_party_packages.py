@@ -30,6 +30,7 @@ import yaml
 
 from nvila.core.plugins import load_plugins
 from nvila.core.specs import describe
+from tests.test_cli import MODULES_AT_EXIT, modules_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "plugins" / "template"
@@ -124,6 +125,16 @@ def test_nvila_plugins_lists_them_with_distribution_and_version(installed, monke
             del sys.modules[name]
     assert text.startswith("compressor 'tome' from nvila-tome 0.1.0")
     assert "merge_fraction: float = 0.5" in text and "re-match" in text
+
+
+def test_the_templates_lazy_factory_is_not_imported_by_the_listing(installed):
+    env, _ = installed
+    out = env.run("-c", MODULES_AT_EXIT, "plugins", "--describe", "my-pool")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "k x k average pooling of each feature block" in out.stdout and "stride: int = 2" in out.stdout
+    imported = modules_of(out)
+    assert {"nvila_myplugin.plugin", "nvila_myplugin.configs"} <= imported
+    assert "nvila_myplugin.pool" not in imported  # registered as lazy("nvila_myplugin.pool", "AveragePool")
 
 
 @pytest.mark.parametrize("distribution, own_test", [

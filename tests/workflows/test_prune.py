@@ -10,6 +10,7 @@ import webdataset as wds
 
 from nvila.core.checkpoint import load_checkpoint, save_checkpoint
 from nvila.core.data.shards import SampleDecoder, decoded_stream, find_shards
+from nvila.core.data.shardset import read_manifest
 from nvila.core.data.synthetic import make_sample
 from nvila.core.model import NvilaModel
 from nvila.core.processor import collate
@@ -105,6 +106,23 @@ def test_random_pruning_needs_no_model_and_depends_on_its_seed(mixture, tmp_path
         runs[seed] = set(kept_ids(out))
         assert len(runs[seed]) == 25
     assert runs[1] != runs[2]
+
+
+def test_a_second_prune_into_the_same_out_replaces_the_first_and_foreign_shards_are_refused(mixture, tmp_path,
+                                                                                             capsys):
+    out = tmp_path / "pruned"
+    args = ["--keep", "0.5", "--in", str(mixture), "--out", str(out), "--num-workers", "0", "--accelerator", "cpu",
+            "--devices", "1", "--shard-size", "4"]
+    assert main(["prune", "--pruner", "{name: random, seed: 1}", *args]) == 0
+    assert main(["prune", "--pruner", "{name: random, seed: 2}", "--keep", "0.1", *args[2:]]) == 0
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["writer"] == "nvila prune" and manifest["samples"] == 5
+    assert len(kept_ids(out)) == 5 and len(find_shards(out)) == 2  # none of the first run's 7 shards is left
+    (out / "mine.tar").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["prune", "--pruner", "random", *args]) == 2
+    assert "holds *.tar files that nvila did not write there (mine.tar" in capsys.readouterr().err
+    assert (out / "mine.tar").exists() and len(find_shards(out)) == 3
 
 
 def test_deltaloss_without_checkpoints_says_which_flags_are_missing(mixture, tmp_path, capsys):

@@ -10,8 +10,9 @@
   ``memory-savers-long``, ``fp8``), :mod:`~nvila.workflows.bench.data` (``data``) and
   :mod:`~nvila.workflows.bench.prefill` (``prefill``; its function
   ``nvila.workflows.bench.prefill.prefill`` is the one place every benchmark runs a prefill) and
-  :mod:`~nvila.workflows.bench.serving` (``serve``: the HTTP server, batched against one request at a time),
-  tabled in :mod:`~nvila.workflows.bench.suites`.
+  :mod:`~nvila.workflows.bench.serving` (``serve``: the HTTP server, batched against one request at a time) and
+  :mod:`~nvila.workflows.bench.quant` (``quant-ttft``, ``quant-decode``, ``quant-peer``, ``quant-quality``:
+  quantized inference; ``qlora``: PEFT over a W4A16 language model), tabled in :mod:`~nvila.workflows.bench.suites`.
 
 ``nvila sweep`` writes its results table with the same record and writer.
 """

@@ -31,6 +31,12 @@ class BenchOptions:
     """torch intra-op threads for the measuring processes; None leaves torch's default."""
     command: str | None = None
     """The command line, as the report records it; None reads ``sys.argv``."""
+    ckpt: str | None = None
+    """A trained checkpoint to measure instead of random weights (``quant-quality``)."""
+    calib: str | None = None
+    """Shards to calibrate quantizers on (``quant-quality``)."""
+    held_out: str | None = None
+    """Held-out shards to compare answers on (``quant-quality``)."""
 
 
 class BenchRun:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nvila.core.errors import NvilaError
 from nvila.core.registry import did_you_mean
-from nvila.workflows.bench import data, prefill, serving, training
+from nvila.workflows.bench import data, prefill, quant, serving, training
 from nvila.workflows.bench.measure import torch_threads
 from nvila.workflows.bench.report import Report, write_report
 from nvila.workflows.bench.runner import BenchOptions, BenchRun, SuiteFunction
@@ -29,10 +29,17 @@ class Suite:
 SUITES: dict[str, Suite] = {
     **{name: Suite(training.run_training_suite, training.SUMMARIES[name], training.COMPARE,
                    training.require_fp8_gpu if name == "fp8" else None)
-       for name in training.TRAINING_SUITES},
+       for name in training.TRAINING_SUITES if name != "qlora"},
     "data": Suite(data.run_data_suite, data.SUMMARY, data.COMPARE),
     "prefill": Suite(prefill.run_prefill_suite, prefill.SUMMARY, prefill.COMPARE),
     "serve": Suite(serving.run_serving_suite, serving.SUMMARY, serving.COMPARE),
+    "quant-ttft": Suite(quant.run_ttft_suite, quant.TTFT_SUMMARY, ("time to first token", "vision tower",
+                                                                    "LLM prefill")),
+    "quant-decode": Suite(quant.run_decode_suite, quant.DECODE_SUMMARY, ("decode", "LLM weight bytes")),
+    "quant-peer": Suite(quant.run_peer_suite, quant.PEER_SUMMARY, ("visual tokens", "time to first token", "decode")),
+    "quant-quality": Suite(quant.run_quality_suite, quant.QUALITY_SUMMARY, ("top-1 agreement",
+                                                                            "relative logit error")),
+    "qlora": Suite(quant.run_qlora_suite, quant.QLORA_SUMMARY, (*training.COMPARE, "training state")),
 }
 
 

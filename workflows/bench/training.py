@@ -58,6 +58,15 @@ GPU_SFT = {"encoder_overrides": {"image_size": 448, "patch_size": 14, "hidden_si
                              "num_kv_heads": 2},
            "vocab_size": 151936, "question_words": 800, "answer_words": 200, "loss": "chunked", "steps": 5}
 FP8 = {"precision": {"name": "fp8"}}
+W4A16_LLM = {"quant": {"llm": {"name": "w4a16", "method": "rtn"}}}
+"""QLoRA-style: the language model's linear layers int4 (round to nearest, groups of 128), frozen under LoRA."""
+DEMO_SIZES = {"encoder_overrides": {"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 256,
+                                    "num_layers": 3, "num_heads": 4},
+              "llm_overrides": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
+                                "num_kv_heads": 2}}
+"""The demo recipe's model, for a quick run of a suite (``--only demo``)."""
+QLORA_PEFT = "PEFT, bf16 mixed, frozen weights in bf16"
+QLORA = "QLoRA: PEFT over a W4A16 language model, bf16 mixed"
 
 BENCH_KEYS = ("compare_to", "vocab_size", "max_batch", "steps", "batch_size", "question_words", "answer_words")
 """Configuration keys that shape the measurement rather than the module (besides ``PART_overrides``)."""
@@ -105,6 +114,19 @@ TRAINING_SUITES: dict[str, dict[str, dict[str, Any]]] = {
         "chunked loss": {**LONG_SFT, "loss": "chunked"},
         "gradient checkpointing": {**LONG_SFT, **CHECKPOINTING},
         "chunked loss + gradient checkpointing": {**LONG_SFT, **CHECKPOINTING, "loss": "chunked"},
+    },
+    # PEFT over a W4A16 language model against PEFT with frozen weights in bf16 (nvila.workflows.bench.quant runs
+    # these, then NVILA-8B's counts): on peft-large's model, whose language model (~560M parameters) dominates
+    # memory, and on the demo model for a quick check.
+    "qlora": {
+        f"large, {QLORA_PEFT}": {**PEFT, **BF16_FROZEN, **CHECKPOINTING, "steps": 1, "llm_overrides": LARGE_LLM,
+                                 "compare_to": f"large, {QLORA_PEFT}"},
+        f"large, {QLORA}": {**PEFT, **BF16, **W4A16_LLM, **CHECKPOINTING, "steps": 1, "llm_overrides": LARGE_LLM,
+                            "compare_to": f"large, {QLORA_PEFT}"},
+        f"demo, {QLORA_PEFT}": {**PEFT, **BF16_FROZEN, **CHECKPOINTING, **DEMO_SIZES, "steps": 1,
+                                "compare_to": f"demo, {QLORA_PEFT}"},
+        f"demo, {QLORA}": {**PEFT, **BF16, **W4A16_LLM, **CHECKPOINTING, **DEMO_SIZES, "steps": 1,
+                           "compare_to": f"demo, {QLORA_PEFT}"},
     },
     # FP8 training against bf16 (the paper: about 2x faster, batch 4 -> 16): at one batch size, then at the
     # largest batch each trains without running out of GPU memory.

@@ -139,7 +139,7 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     checkpoint, full precision or quantized); its decoding thread runs while the app is up (lifespan)."""
     settings = settings or ServeSettings()
     engine = Engine(model)
-    worker = DecodeLoop(engine, settings.max_batch, settings.prefill_batch, settings.max_queue)
+    worker = DecodeLoop(engine, settings.max_batch, settings.prefill_batch, settings.max_queue, settings.prefill_tokens)
     context = int(model.spec.max_length)
     created = int(time.time())
 

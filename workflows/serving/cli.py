@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=_SERVE.max_batch, help="most requests decoding together")
     parser.add_argument("--prefill-batch", type=int, default=_SERVE.prefill_batch,
                         help="most waiting requests prefilled together in one step")
+    parser.add_argument("--prefill-tokens", type=int, default=_SERVE.prefill_tokens,
+                        help="most tokens in one prefill, prompts padded to the longest (a longer prompt goes alone)")
     parser.add_argument("--max-queue", type=int, default=_SERVE.max_queue,
                         help="most requests waiting for a place in the batch; more are answered 429")
     parser.add_argument("--timeout", type=float, default=_SERVE.request_timeout_s,
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings(args: argparse.Namespace) -> ServeSettings:
     """The settings the options describe; refuses values that make no sense."""
-    wholes = {"--max-batch": args.max_batch, "--prefill-batch": args.prefill_batch, "--max-queue": args.max_queue,
+    wholes = {"--max-batch": args.max_batch, "--prefill-batch": args.prefill_batch,
+              "--prefill-tokens": args.prefill_tokens, "--max-queue": args.max_queue,
               "--default-max-tokens": args.default_max_tokens, "--max-images": args.max_images,
               "--max-frames": args.max_frames, "--video-frames": args.video_frames, "--max-pixels": args.max_pixels}
     bad = [f"{name} must be at least 1, got {value}" for name, value in wholes.items() if value < 1]
@@ -61,7 +64,8 @@ def settings(args: argparse.Namespace) -> ServeSettings:
                         max_pixels=args.max_pixels, max_bytes=int(args.max_media_mb * 2**20),
                         allow_remote=args.allow_remote_media)
     return ServeSettings(model_name=args.model_name or Path(args.ckpt).resolve().name, max_batch=args.max_batch,
-                         prefill_batch=args.prefill_batch, max_queue=args.max_queue, request_timeout_s=args.timeout,
+                         prefill_batch=args.prefill_batch, prefill_tokens=args.prefill_tokens,
+                         max_queue=args.max_queue, request_timeout_s=args.timeout,
                          default_max_tokens=args.default_max_tokens, media=media)
 
 

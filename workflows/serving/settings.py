@@ -34,8 +34,12 @@ class ServeSettings:
     """The id clients pass as ``model`` (``GET /v1/models`` lists it); another id is answered 404."""
     max_batch: int = 8
     """Most requests decoding together."""
-    prefill_batch: int = 1
-    """Most waiting requests prefilled together in one decoding step (1: a new prompt delays the others least)."""
+    prefill_batch: int = 8
+    """Most waiting requests prefilled together in one decoding step. Requests that arrive together are prefilled
+    in one forward, much cheaper than one each; 1 makes a new prompt delay the running answers least."""
+    prefill_tokens: int = 4096
+    """Most tokens (prompts padded to the longest, visual tokens included) in one prefill: a long prompt is not
+    batched with short ones it would pad out; one prompt longer than this is still prefilled, alone."""
     max_queue: int = 32
     """Most requests waiting for a place in the batch; one more is answered 429."""
     request_timeout_s: float = 300.0

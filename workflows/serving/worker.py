@@ -39,8 +39,9 @@ class Delivery:
 class DecodeLoop:
     """Runs a :class:`Scheduler` in a thread of its own; see the module's documentation."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_batch: int = 1, max_queue: int = 32) -> None:
-        self.scheduler = Scheduler(engine, max_batch, prefill_batch)
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_batch: int = 1, max_queue: int = 32,
+                 prefill_tokens: int | None = None) -> None:
+        self.scheduler = Scheduler(engine, max_batch, prefill_batch, prefill_tokens)
         self.max_queue = max_queue
         self._callbacks: dict[int, Callable[[Delivery], None]] = {}
         self._lock = threading.Lock()

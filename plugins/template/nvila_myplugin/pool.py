@@ -6,24 +6,11 @@ windows (averaged over the features they hold), so nothing is cropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from nvila.core.interfaces import Compressor
 
-
-@dataclass
-class AveragePoolConfig:
-    """Average-pooling settings. Each field's docstring is what `nvila plugins --describe my-pool` shows."""
-
-    stride: int = 2
-    """Side k of the square window averaged into one token (2 keeps a quarter of the tokens)."""
-
-    def __post_init__(self) -> None:
-        # Runs when a spec is merged onto this config: the message reaches the user as a spec error.
-        if self.stride < 1:
-            raise ValueError(f"stride must be a positive integer, got {self.stride}")
+from nvila_myplugin.configs import AveragePoolConfig
 
 
 class AveragePool(Compressor):

@@ -73,3 +73,45 @@ def test_convert_names_a_broken_json_file(tmp_path, capsys):
     code = main(["data", "convert", "--llava-json", str(bad), "--media-root", str(tmp_path / "m"),
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_second_convert_into_a_finished_set_is_refused_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    llava = tmp_path / "x.jsonl"
+    llava.write_text("\n".join(json.dumps({"id": str(i), "conversations": turns(f"Say {i}.")}) for i in range(5)))
+    convert = ["data", "convert", "--llava-json", str(llava), "--media-root", str(tmp_path / "m"),
+               "--out", str(tmp_path / "o"), "--shard-size", "2"]
+    assert main(convert) == 0 and len(find_shards(tmp_path / "o")) == 3
+    capsys.readouterr()
+    llava.write_text(json.dumps({"id": "new", "conversations": turns("Say new.")}))
+    assert main(convert) == 2  # once mixed the new shard with the old set's last two
+    assert "already holds a finished shard set (5 samples in 3 shards" in capsys.readouterr().err
+    assert main([*convert, "--overwrite"]) == 0
+    assert [r["id"] for r, _ in read_records(find_shards(tmp_path / "o"))] == ["new"]
+    assert json.loads((tmp_path / "o" / REPORT_FILE).read_text())["shards"] == ["shard-000000.tar"]
+
+
+def test_an_interrupted_convert_leaves_only_whole_shards_and_a_rerun_writes_the_whole_set(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import nvila.core.data.convert as convert_module
+
+    (tmp_path / "m").mkdir()
+    llava = tmp_path / "x.jsonl"
+    llava.write_text("\n".join(json.dumps({"id": str(i), "conversations": turns(f"Say {i}.")}) for i in range(7)))
+    convert = ["data", "convert", "--llava-json", str(llava), "--media-root", str(tmp_path / "m"),
+               "--out", str(tmp_path / "o"), "--shard-size", "3"]
+    real = convert_module._sample
+
+    def ctrl_c_at_record_4(index, *args):
+        if index == 4:
+            raise KeyboardInterrupt
+        return real(index, *args)
+
+    monkeypatch.setattr(convert_module, "_sample", ctrl_c_at_record_4)
+    assert main(convert) == 130  # "nvila: interrupted", no traceback
+    assert "nvila: interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["nvila-shards.json", "shard-000000.tar"]
+    assert len(list(read_records(find_shards(tmp_path / "o")))) == 3  # the one shard closed before Ctrl-C
+    monkeypatch.setattr(convert_module, "_sample", real)
+    assert main(convert) == 0
+    assert [r["id"] for r, _ in read_records(find_shards(tmp_path / "o"))] == [str(i) for i in range(7)]

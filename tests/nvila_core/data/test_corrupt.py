@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -92,11 +93,82 @@ def test_a_truncated_tar_is_counted_once_and_its_readable_samples_kept(processor
     write_tar(tmp_path / "b.tar", good)
     items = list(decoded_stream([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], SampleDecoder(processor)))
     reasons = [i.reason for i in items if isinstance(i, Skipped)]
-    assert reasons.count("unreadable_shard") == 1
+    assert reasons.count("unreadable_shard") == 1  # tarfile's shards: no counts, so one record for the loss
     shard_skip = next(i for i in items if isinstance(i, Skipped) and i.reason == "unreadable_shard")
-    assert shard_skip.where.endswith("a.tar")
+    assert shard_skip.where.endswith("a.tar") and "the number of samples lost is unknown" in shard_skip.detail
     used = [i for i in items if isinstance(i, Encoded)]
     assert 6 < len(used) < 12 and sum(1 for u in used if u.key.startswith(str(tmp_path / "b.tar"))) == 6
+
+
+def whole_samples(shard: Path) -> int:
+    """Samples of a (possibly cut) synthetic shard whose json and png can both be read, as a stream reads them."""
+    found: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(shard, "r|") as tar:
+            for member in tar:
+                tar.extractfile(member).read()  # raises for a member cut short
+                key, ext = member.name.split(".", 1)
+                found.setdefault(key, set()).add(ext)
+    except (tarfile.TarError, EOFError):
+        pass
+    return sum(1 for exts in found.values() if exts == {"png", "json"})
+
+
+def truncated_set(root: Path, count: int, shard_size: int, cuts: dict[int, float]) -> tuple[list[str], dict[str, int]]:
+    """Shards written by nvila (so with counts), some cut to a fraction of their members' bytes; returns the shards
+    and, per cut shard, the samples it lost."""
+    paths = write_split(root, count, seed=6, image_size=16, shard_size=shard_size)
+    lost = {}
+    for index, fraction in cuts.items():
+        data = paths[index].read_bytes().rstrip(b"\0")  # the members, without tar's zero padding
+        paths[index].write_bytes(data[: int(len(data) * fraction)])
+        lost[str(paths[index])] = shard_size - whole_samples(paths[index])
+        assert 0 < lost[str(paths[index])]
+    return [str(p) for p in paths], lost
+
+
+SPLITS = {"one process": [(0, 1, 0, 1)],  # (rank, world size, worker, workers): every share of the shards
+          "2 ranks x 2 workers": [(r, 2, w, 2) for r in range(2) for w in range(2)]}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_a_truncated_shard_counts_every_sample_it_lost_once_across_ranks_and_workers(processor, tmp_path, split,
+                                                                                      monkeypatch):
+    shards, lost = truncated_set(tmp_path, 64, 8, {2: 0.5, 5: 0.01, 7: 0.9})  # the middle, the first header, late
+    used, skipped = 0, []
+    for rank, world, worker, workers in SPLITS[split]:
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("WORKER", worker), ("NUM_WORKERS", workers)):
+            monkeypatch.setenv(name, str(value))
+        items = list(decoded_stream(shards, SampleDecoder(processor)))
+        used += sum(isinstance(i, Encoded) for i in items)
+        skipped += [i for i in items if isinstance(i, Skipped)]
+    assert used + len(skipped) == 64 and len(skipped) == sum(lost.values())
+    shard_records = [s for s in skipped if s.reason == "unreadable_shard"]
+    for shard, n in lost.items():  # a sample cut in half is skipped for what it lacks, the rest as unreadable_shard
+        mine = [s for s in skipped if s.where.startswith(shard)]
+        assert len(mine) == n and n - 1 <= sum(s.reason == "unreadable_shard" for s in mine) <= n, (shard, mine)
+    assert all("samples lost" in s.detail for s in shard_records)
+
+
+def test_training_counts_every_sample_a_truncated_shard_lost(tmp_path, tiny_spec, capsys):
+    shards, lost = truncated_set(tmp_path / "data", 64, 16, {2: 0.4})
+    cli = fit(tmp_path / "data", tmp_path / "run", tiny_spec, "--trainer.max_steps=-1", "--trainer.max_epochs=1",
+              "--data.num_workers=2", "--data.max_skip_fraction=0.5")  # a worker each for two of the four shards
+    health = cli.datamodule.health
+    (n,) = lost.values()
+    assert health.samples == 64 and health.total_skipped == n and health.skipped["unreadable_shard"] >= n - 1
+    assert f"data: {n} of 64 samples skipped" in capsys.readouterr().err
+
+
+def test_evaluation_counts_every_sample_a_truncated_shard_lost(tmp_path, registry, tiny_spec):
+    from nvila.workflows.evaluate import evaluate
+
+    shards, lost = truncated_set(tmp_path, 24, 8, {1: 0.5})
+    result = evaluate(NvilaModel({**tiny_spec, "max_length": 256}, registry), shards, batch_size=8,
+                      max_new_tokens=2)
+    (n,) = lost.values()
+    assert result.total_skipped == n and len(result.answers) == 24 - n
+    assert "unreadable_shard" in result.skip_summary()
 
 
 def test_the_threshold_applies_after_min_samples_and_names_the_counts():

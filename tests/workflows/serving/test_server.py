@@ -285,20 +285,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("layout", ["nvila", "released"])
+@pytest.mark.parametrize("layout", ["nvila", "released", "quantized"])
 def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_path, varied_model, layout):
     import subprocess
     import sys
 
-    from nvila.core.checkpoint import save_checkpoint
+    from nvila.core.checkpoint import read_spec, save_checkpoint
+    from nvila.workflows.commands import main
     from nvila.workflows.pretrained import load_model
     from tests.workflows.released import write_released
 
     ckpt = tmp_path / "demo-ckpt"
     if layout == "nvila":
         save_checkpoint(varied_model, ckpt)
-    else:  # a tiny checkpoint in the layout of the released NVILA models
+    elif layout == "released":  # a tiny checkpoint in the layout of the released NVILA models
         write_released(ckpt, "nvila-lite")
+    else:  # what `nvila quantize` writes: W8A8 vision tower, W4A16 language model (round to nearest)
+        save_checkpoint(varied_model, tmp_path / "full")
+        assert main(["quantize", "--ckpt", str(tmp_path / "full"), "--vision", "w8a8", "--llm",
+                     "{name: w4a16, group_size: 32, method: rtn}", "--out", str(ckpt)]) == 0
+        assert read_spec(ckpt).quant["llm"]["name"] == "w4a16"
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "nvila.workflows", "serve", "--ckpt", str(ckpt),
                                 "--port", str(port), "--max-batch", "4"], stdout=subprocess.PIPE,
