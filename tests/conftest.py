@@ -74,3 +74,15 @@ def varied_model(registry, tiny_spec):
             if p.ndim == 2:
                 p.normal_(0, 0.2, generator=g)
     return model
+
+
+def pytest_collection_modifyitems(config, items):
+    """`bf16` tests compute in bf16 on the CPU: skipped where torch emulates bf16 (an AVX2-only CPU, or
+    ATEN_CPU_CAPABILITY=avx2), where it is hundreds of times slower and some of its kernels refuse to run."""
+    from nvila.workflows.bench.machine import cpu_computes_bf16
+
+    if any("bf16" in item.keywords for item in items) and not cpu_computes_bf16():
+        skip = pytest.mark.skip(reason="bf16 is emulated on this CPU (no bf16 units, or torch runs its AVX2 kernels)")
+        for item in items:
+            if "bf16" in item.keywords:
+                item.add_marker(skip)

@@ -26,6 +26,7 @@ def test_plugins_describe_prints_fields_types_defaults_and_docs():
     assert "second-to-last" in out.stdout or "NVILA: -2" in out.stdout
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_user_errors_are_one_paragraph_without_a_traceback(tmp_path):
     out = nvila("fit", "--config", "demo", f"--data.train={tmp_path / 'missing'}")
     assert out.returncode == 2

@@ -288,6 +288,7 @@ def test_strict_mode_stops_nvila_with_one_paragraph_naming_the_distribution(site
     assert "NVILA_STRICT_PLUGINS is set" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_training_runs_while_broken_plugins_are_installed(site, tmp_path, tiny_fit_args):
     out = nvila(*tiny_fit_args(tmp_path, steps=2), env=every_kind_of_broken_plugin(site))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -137,6 +137,7 @@ def test_the_templates_lazy_factory_is_not_imported_by_the_listing(installed):
     assert "nvila_myplugin.pool" not in imported  # registered as lazy("nvila_myplugin.pool", "AveragePool")
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 @pytest.mark.parametrize("distribution, own_test", [
     ("nvila-myplugin", "test_pools_each_window_to_its_mean"),
     ("nvila-tome", "test_size_weighted_merges_are_means_of_the_originals"),
@@ -158,6 +159,7 @@ def test_pip_uninstall_removes_a_plugin_from_what_nvila_finds(tmp_path):
     assert "myplugin" not in found and found["compressors"] == "nvila"
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_the_demo_recipe_trains_with_tome_named_in_a_yaml_spec(installed, tmp_path, tiny_fit_args):
     env, _ = installed
     spec = tmp_path / "tome.yaml"

@@ -260,6 +260,7 @@ def test_the_command_refuses_an_only_filter_that_matches_nothing(capsys):
 
 # --- the training suites step through the module's own code --------------------------------------------------------
 
+@pytest.mark.bf16
 def test_peft_and_full_fine_tuning_in_bf16_run_side_by_side():
     names = ["full fine-tuning, bf16 mixed", "PEFT, bf16 mixed, frozen weights in bf16"]
     # (PEFT's bf16 frozen weights meet fp32 activations: its steps run only under bf16 autocast, as in Lightning)
@@ -274,6 +275,7 @@ def test_peft_and_full_fine_tuning_in_bf16_run_side_by_side():
     assert peft.ratios["peak memory"] == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.bf16
 def test_a_training_step_is_the_modules_own_under_lightnings_autocast(monkeypatch):
     from nvila.workflows.module import NvilaModule
 
@@ -324,6 +326,7 @@ def test_gpu_only_benchmarks_say_what_they_need(capsys):
         run_configuration("fp8", "largest", {**TRAINING_SUITES["fp8"]["bf16 mixed, largest batch"], **TOY_SIZES})
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_a_configuration_that_fails_in_its_process_becomes_a_failed_record():
     """The subprocess path: a configuration that fails in its process becomes a failed record with its error."""
     from nvila.workflows.bench.training import run_in_subprocess

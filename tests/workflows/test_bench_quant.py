@@ -38,6 +38,7 @@ def test_machine_limits_measure_bandwidth_and_peak_per_dtype(limits):
     assert limits.bandwidth > 0 and set(limits.peak) == {"fp32", "bf16", "int8"}
 
 
+@pytest.mark.bf16
 def test_time_to_first_token_compares_every_configuration(limits):
     bench = run_of("quant-ttft")
     bq.run_ttft_suite(bench, sizes=("demo",), images=[(96, 64)], repeats=1, limits=limits)
@@ -60,6 +61,7 @@ def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     assert w4a16.value("LLM weight bytes") < records(bench)["demo bf16"].value("LLM weight bytes")
 
 
+@pytest.mark.bf16
 def test_the_peer_is_llava_onevision_with_the_same_widths():
     bench = run_of("quant-peer")
     bq.run_peer_suite(bench, sizes=("demo",), images=[(128, 128)], tokens=2, repeats=1)
@@ -70,6 +72,7 @@ def test_the_peer_is_llava_onevision_with_the_same_widths():
     assert any(n.startswith("target: time to first token against the peer ≥ 1.6×") for n in ours.notes)
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_quality_compares_awq_with_round_to_nearest(synth_data):
     bench = run_of("quant-quality", calib=str(synth_data / "train"), held_out=str(synth_data / "val"))
     bq.run_quality_suite(bench, sizes={"demo": ("demo", ("w4a16 awq", "w4a16 rtn"))},
@@ -81,6 +84,7 @@ def test_quality_compares_awq_with_round_to_nearest(synth_data):
     assert "relative logit error" in awq.ratios or awq.value("relative logit error") == 0
 
 
+@pytest.mark.bf16
 def test_quality_writes_its_own_shards_when_none_are_given():
     bench = run_of("quant-quality")
     bq.run_quality_suite(bench, sizes={"demo": ("demo", ("w8a8 vision",))},
@@ -96,6 +100,7 @@ def test_nvila_8b_peft_over_a_w4a16_language_model_holds_under_half_the_training
     assert qlora < 8 and qlora_trainable == peft_trainable  # the same adapters, norms and projector train
 
 
+@pytest.mark.bf16
 def test_qlora_and_bf16_frozen_peft_train_side_by_side():
     names = list(TRAINING_SUITES["qlora"])
     peft, qlora = [run_configuration("qlora", name, {**TRAINING_SUITES["qlora"][name], **TOY_SIZES})

@@ -52,6 +52,7 @@ def fit_with_two_processes(data, root, tiny_overrides, *extra):
     return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"), log
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_ddp_trains_with_two_processes_on_the_cpu(many_shards, tiny_overrides, tmp_path):
     fit_with_two_processes(many_shards, tmp_path, tiny_overrides, "--trainer.max_steps=4",
                            "--trainer.val_check_interval=4")

@@ -34,6 +34,7 @@ def media(tmp_path_factory, varied_model):
     return root
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_generate_streams_an_answer_about_images_and_a_video(media, varied_model):
     out = nvila("generate", "--ckpt", str(media / "ckpt"), "--image", str(media / "red.png"),
                 "--image", str(media / "blue.png"), "--video", str(media / "clip.mp4"), "--frames", "8",

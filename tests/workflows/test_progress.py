@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import lightning as L
+import pytest
 
 from nvila.workflows.callbacks import PlainProgress, StepProgressBar, progress_line
 from nvila.workflows.datamodule import NvilaDataModule
@@ -42,6 +43,7 @@ def test_progress_line_without_a_step_budget():
     assert progress_line(7, -1, {"loss": 2.0}, 70, 10.0, 7) == "step 7  loss 2.0000  7 samples/s  elapsed 0:00:10"
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_nvila_fit_into_a_pipe_prints_plain_lines(synth_data, tmp_path, tiny_overrides):
     done = subprocess.run([sys.executable, "-m", "nvila.workflows", "fit", "--config", "demo",
                            f"--data.train={synth_data / 'train'}", f"--data.val={synth_data / 'val'}",

@@ -31,6 +31,7 @@ def final_weights(root):
     return load_file(path)
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, synth_data, tiny_overrides):
     # 512 samples / 16 = 32 batches an epoch: 48 steps cross an epoch boundary after the restart
     env = {**os.environ, "PYTHONHASHSEED": "0"}

@@ -60,6 +60,7 @@ def nvila(*args):
                           timeout=300)
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_dry_run_prints_one_plain_fit_command_per_combination_and_runs_nothing(base_recipe, tmp_path):
     out = nvila("sweep", "--config", str(base_recipe), "--grid", "model.compressor.name=identity,stc,perceiver",
                 "--grid", "data.batch_size=4,8", "--dry-run", "--out", str(tmp_path / "sweep"),
@@ -87,6 +88,7 @@ def test_bad_grids_are_refused_before_anything_runs_naming_the_key(grid, message
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_a_failed_run_is_recorded_with_its_error(tmp_path):
     run = Run(0, {"model.compressor.name": "stc"}, ["fit", "--config", str(tmp_path / "missing.yaml")],
               tmp_path / "000-name=stc")
@@ -94,6 +96,7 @@ def test_a_failed_run_is_recorded_with_its_error(tmp_path):
     assert run.status == "failed" and "nvila: error: Recipe" in run.error and "missing.yaml" in run.error
 
 
+@pytest.mark.slow  # over 5 s on an AVX2 core: the default run stays under 5 minutes; CI runs it
 def test_a_sweep_of_two_tiny_runs_writes_one_results_folder(base_recipe, tmp_path):
     out = tmp_path / "sweep"
     runs = run_sweep(str(base_recipe), ["model.compressor.name=identity,stc"], out, eval_limit=8,

@@ -39,6 +39,24 @@ def has_bf16_hardware(flags: set[str]) -> bool:
     return any(flag in flags for flag in BF16_FLAGS)
 
 
+def aten_runs_bf16_kernels() -> bool:
+    """False where torch runs its AVX2 (or older) x86 kernels, which emulate bf16: an AVX2-only CPU, or
+    ``ATEN_CPU_CAPABILITY=avx2`` on a newer one (there some bf16 kernels even refuse to run)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability not in ("AVX2", "NO AVX") and not (capability == "DEFAULT" and _x86())
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_computes_bf16() -> bool:
+    """bf16 matmuls run in hardware here: the CPU has the units and torch runs the kernels that use them."""
+    return has_bf16_hardware(cpu_flags()) and aten_runs_bf16_kernels()
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
     for line in text.splitlines():
@@ -97,7 +115,7 @@ def describe_machine(cpuinfo: str | None = None, meminfo: str | None = None) -> 
     return {
         "cpu": cpu_model(cpuinfo),
         "cpu_flags": [flag for flag in FLAGS_OF_NOTE if flag in flags],
-        "bf16_hardware": has_bf16_hardware(flags),
+        "bf16_hardware": has_bf16_hardware(flags) and (cpuinfo is not None or aten_runs_bf16_kernels()),
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "torch_threads": torch.get_num_threads(),

@@ -152,7 +152,8 @@ def assert_nothing_misleading(split: Path) -> None:
         assert len(samples_of(tar)) == manifest["shards"][tar.name] == 1000, tar
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.slow), signal.SIGINT],
+                         ids=["SIGKILL", "SIGINT"])
 def test_a_killed_synth_leaves_only_whole_shards_and_a_rerun_writes_the_uninterrupted_set(
         tmp_path, uninterrupted, sig, capsys):
     stderr = kill_mid_write(tmp_path, sig)

@@ -285,7 +285,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("layout", ["nvila", "released", "quantized"])
+@pytest.mark.parametrize("layout", ["nvila", pytest.param("released", marks=pytest.mark.slow),
+                                    pytest.param("quantized", marks=pytest.mark.slow)])  # each ~9 s on AVX2
 def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_path, varied_model, layout):
     import subprocess
     import sys
