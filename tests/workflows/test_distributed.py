@@ -1,5 +1,7 @@
 """Data split across DDP ranks and workers, and real two-process DDP training on the CPU (gloo)."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -37,16 +39,23 @@ def test_each_sample_is_seen_once_per_epoch_across_ranks_and_workers(many_shards
     assert len(seen[0]) + len(seen[1]) == len(set(seen[0]) | set(seen[1])) == 96
 
 
-def fit_with_two_processes(data, root, tiny_overrides, *extra):
-    out = subprocess.run([
+def fit_with_two_processes(data, root, tiny_overrides, *extra, timeout=300):
+    """`nvila fit` on two gloo ranks; a run that hangs fails with every process's Python stack (faulthandler)."""
+    process = subprocess.Popen([
         sys.executable, "-m", "nvila.workflows", "fit", "--config", "demo",
         f"--data.train={data / 'train'}", f"--data.val={data / 'val'}",
         f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.strategy=ddp", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--data.batch_size=4", "--data.num_workers=1", "--model.warmup_steps=1", *tiny_overrides, *extra,
-    ], capture_output=True, text=True, timeout=600)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
+    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints each process's stack as it dies
+        log, _ = process.communicate(timeout=60)
+        pytest.fail(f"two-process fit still running after {timeout} s (a hang); its log and stacks:\n{log[-12000:]}")
+    assert process.returncode == 0, log[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert list(root.rglob("checkpoint/model.safetensors"))
     return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"), log
