@@ -212,15 +212,23 @@ def ttft_name(size: str, width: int, height: int, config: str) -> str:
     return f"{size} {width}x{height} {config}"
 
 
+def start_timed_suite(bench: BenchRun, names: list[str], sizes: Sequence[str],
+                      limits: Limits | None) -> tuple[dict[str, list[str]], Limits]:
+    """The configurations ``--only`` keeps, by size, and the machine's limits (measured unless given), recorded
+    first as a row of their own: what every timed suite starts with."""
+    selected = sizes_of(bench, names, sizes)
+    bench.total = (bench.total or 0) + 1  # the limits' row
+    limits = limits or machine_limits(device=bench.device)
+    limits_record(bench, limits)
+    return selected, limits
+
+
 @torch.no_grad()
 def run_ttft_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES,
                    images: Sequence[tuple[int, int]] = IMAGES, repeats: int = 2,
                    limits: Limits | None = None) -> None:
     names = [ttft_name(s, w, h, c) for s in sizes for w, h in images for c in TTFT_CONFIGS]
-    selected = sizes_of(bench, names, sizes)
-    bench.total = (bench.total or 0) + 1  # the limits' row
-    limits = limits or machine_limits(device=bench.device)
-    limits_record(bench, limits)
+    selected, limits = start_timed_suite(bench, names, sizes, limits)
     for size, kept in selected.items():
         if kept:
             time_to_first_token(bench, size, [i for i in images if any(ttft_name(size, *i, c) in kept
@@ -298,10 +306,7 @@ DECODE_SUMMARY = (
 def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens: int = 16, repeats: int = 3,
                      limits: Limits | None = None) -> None:
     names = [f"{s} {c}" for s in sizes for c in DECODE_CONFIGS]
-    selected = sizes_of(bench, names, sizes)
-    bench.total = (bench.total or 0) + 1  # the limits' row
-    limits = limits or machine_limits(device=bench.device)
-    limits_record(bench, limits)
+    selected, limits = start_timed_suite(bench, names, sizes, limits)
     for size, kept in selected.items():
         if kept:
             decode(bench, size, [n.split(" ", 1)[1] for n in kept], tokens, repeats, limits)
