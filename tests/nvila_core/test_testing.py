@@ -37,15 +37,20 @@ class BatchMixingCompressor(Compressor):
         return (blocks - blocks.mean(0)).flatten(1, 2)  # (M, h*w, C)
 
 
+def refusal_of(kind, factory):
+    """The kit's verdict on a plugin of ``kind`` built by ``factory`` (raises ContractError when it refuses)."""
+    registry = Registry()
+    registrar = registry.registrar("broken-plugin", "0.1")
+    registrar.add(kind, "broken", factory, IdentityConfig)
+    registrar.commit()
+    check_component(registry.get(kind, "broken"), registry)
+
+
 @pytest.mark.parametrize("factory,message", [(MiscountingCompressor, "output_shape promised"),
                                              (BatchMixingCompressor, "depend on the other blocks")])
 def test_the_kit_refuses_broken_compressors(factory, message):
-    registry = Registry()
-    registrar = registry.registrar("broken-plugin", "0.1")
-    registrar.add("compressor", "broken", factory, IdentityConfig)
-    registrar.commit()
     with pytest.raises(ContractError, match=message):
-        check_component(registry.get("compressor", "broken"), registry)
+        refusal_of("compressor", factory)
 
 
 class ZeroingQuantizer(Quantizer):
@@ -80,9 +85,5 @@ class TorchAoQuantizer(Quantizer):
 @pytest.mark.parametrize("factory,message", [(ZeroingQuantizer, "'quantized output' check: relative error"),
                                              (TorchAoQuantizer, "'plain state dict' check")])
 def test_the_kit_refuses_broken_quantizers(factory, message):
-    registry = Registry()
-    registrar = registry.registrar("broken-plugin", "0.1")
-    registrar.add("quantizer", "broken", factory, IdentityConfig)
-    registrar.commit()
     with pytest.raises(ContractError, match=message):
-        check_component(registry.get("quantizer", "broken"), registry)
+        refusal_of("quantizer", factory)
