@@ -40,14 +40,15 @@ RECIPES = files("nvila.workflows") / "recipes"
 
 
 def recipe_path(name_or_path: str) -> str:
-    """A recipe file path; a bare name like ``demo`` means a recipe shipped with nvila."""
-    if Path(name_or_path).is_dir():
-        raise NvilaError(f"--config '{name_or_path}' is a folder; give a recipe file (.yaml) or a shipped name.")
-    if Path(name_or_path).exists():
+    """A recipe file path; a bare name like ``demo`` means a recipe shipped with nvila (even where a folder of that
+    name is in the way, as ``nvila demo --out demo`` makes one: a folder is never a recipe)."""
+    if Path(name_or_path).is_file():
         return name_or_path
     shipped = RECIPES.joinpath(*f"{name_or_path}.yaml".split("/"))
     if shipped.is_file():
         return str(shipped)
+    if Path(name_or_path).is_dir():
+        raise NvilaError(f"--config '{name_or_path}' is a folder; give a recipe file (.yaml) or a shipped name.")
     root = Path(str(RECIPES))
     names = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
     raise NvilaError(f"Recipe '{name_or_path}' is neither a file nor a shipped recipe ({', '.join(names)}).")

@@ -76,6 +76,12 @@ def test_unknown_recipe_names_list_the_shipped_ones():
         recipe_path("dmeo")
 
 
+def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # what `nvila demo --out demo` leaves in the working folder
+    monkeypatch.chdir(tmp_path)
+    assert recipe_path("demo").endswith("recipes/demo.yaml")
+
+
 @pytest.mark.parametrize("fragment", recipe_fragments(), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_fragment_opens_with_how_to_launch_it_and_names_known_keys(fragment):
     text = fragment.read_text()
