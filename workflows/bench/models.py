@@ -28,7 +28,17 @@ def build_model(parts: dict[str, Any], max_length: int) -> Any:
 def demo_parts() -> dict[str, Any]:
     """The demo recipe's model parts (``encoder``, ``compressor``, ``projector``, ``llm``...)."""
     from nvila.core.model import MODEL_PARTS
+
+    spec = _demo_spec()
+    return {part: getattr(spec, part) for part in MODEL_PARTS}
+
+
+def demo_model_spec() -> dict[str, Any]:
+    """The demo recipe's model spec as an ``NvilaModel`` takes it: its parts and its ``max_length``."""
+    return {**demo_parts(), "max_length": _demo_spec().max_length}
+
+
+def _demo_spec() -> Any:
     from nvila.workflows.cli import model_spec, read_recipe
 
-    spec = model_spec(read_recipe(["--config", "demo"]))
-    return {part: getattr(spec, part) for part in MODEL_PARTS}
+    return model_spec(read_recipe(["--config", "demo"]))

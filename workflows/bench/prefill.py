@@ -22,7 +22,7 @@ import torch
 
 from nvila.core.engine import ChatRequest, Engine
 from nvila.workflows.bench.measure import Timing, time_call, time_interleaved
-from nvila.workflows.bench.models import build_model
+from nvila.workflows.bench.models import build_model, demo_parts
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
 
@@ -56,13 +56,6 @@ def time_prefill(model: Any, batch: dict[str, Any], repeats: int = 5, warmup: in
 
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
-    # the demo recipe's model: SigLIP 64 px, patch 8, width 128, 3 layers; Qwen2 width 128, 3 layers
-    "demo": {
-        "encoder": {"name": "siglip", "image_size": 64, "patch_size": 8, "hidden_size": 128,
-                    "intermediate_size": 256, "num_layers": 3, "num_heads": 4, "feature_layer": -1},
-        "llm": {"name": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
-                "num_kv_heads": 2},
-    },
     # a SigLIP-so400m-shaped encoder (448 px, patch 14, width 1152) cut to 6 of its 27 layers, and a
     # Qwen2-0.5B-shaped language model (width 896, 24 layers, 14 heads, 2 KV heads, MLP 4864)
     "mid": {
@@ -72,6 +65,17 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "num_kv_heads": 2},
     },
 }
+"""Fixed sizes by name (the encoder and language model; the compressor is what varies); ``demo`` is read from the
+demo recipe when the suite runs (:func:`default_sizes`)."""
+
+
+def default_sizes() -> dict[str, dict[str, dict[str, Any]]]:
+    """The suite's sizes: the demo recipe's encoder and language model as ``nvila fit --config demo`` builds them,
+    then :data:`SIZES`."""
+    demo = demo_parts()
+    return {"demo": {"encoder": demo["encoder"], "llm": demo["llm"]}, **SIZES}
+
+
 COMPRESSORS = {"identity": {"name": "identity"}, "STC 2x2": {"name": "stc", "ratio": 2}}
 BASELINE = "identity"
 COMPARE = ("visual tokens", "prompt tokens", "LLM prefill", "time to first token")
@@ -130,7 +134,7 @@ def measure_size(bench: BenchRun, size: str, parts: dict[str, dict[str, Any]], c
 def run_prefill_suite(bench: BenchRun, sizes: dict[str, dict[str, dict[str, Any]]] | None = None,
                       repeats: int = 5) -> None:
     """Every selected (size, compressor) pair; each size's rows are reported when its rounds finish."""
-    sizes = SIZES if sizes is None else sizes
+    sizes = default_sizes() if sizes is None else sizes
     names = bench.selected([configuration_name(s, c) for s in sizes for c in COMPRESSORS])
     bench.note(f"{repeats} timed rounds after one warm-up round; {torch.get_num_threads()} torch thread(s).")
     for size, parts in sizes.items():

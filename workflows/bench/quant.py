@@ -45,15 +45,11 @@ SIGLIP_MID = {"name": "siglip", "image_size": 448, "patch_size": 14, "hidden_siz
 QWEN2_MID = {"name": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_layers": 24, "num_heads": 14,
              "num_kv_heads": 2}
 SIZES: dict[str, dict[str, Any]] = {
-    "demo": {"encoder": {"name": "siglip", "image_size": 64, "patch_size": 8, "hidden_size": 128,
-                         "intermediate_size": 256, "num_layers": 3, "num_heads": 4, "feature_layer": -1},
-             "compressor": {"name": "stc", "ratio": 2}, "projector": {"name": "mlp"},
-             "llm": {"name": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
-                     "num_kv_heads": 2}, "max_length": 256},
     "mid": {"encoder": {"name": "dyns2", "scales": [448, 896], "max_tiles": 12, "base": SIGLIP_MID},
             "compressor": {"name": "stc", "ratio": 2}, "projector": {"name": "mlp"}, "llm": QWEN2_MID,
             "max_length": 16384},
 }
+"""Fixed sizes by name; ``demo`` is not here but read from the demo recipe itself (:func:`size_spec`)."""
 SIZES["mid-1tile"] = {**SIZES["mid"], "encoder": SIGLIP_MID}
 """The mid model with its encoder on one 448 px tile (256 visual tokens): quality runs many forwards."""
 TIMED_SIZES = ("demo", "mid")
@@ -82,11 +78,21 @@ def request(width: int, height: int) -> ChatRequest:
     return ChatRequest([{"role": "user", "content": f"<image>\n{QUESTION}"}], images=[image(width, height)])
 
 
-def build(size: str, seed: int = 0) -> NvilaModel:
+def size_spec(size: str) -> dict[str, Any]:
+    """The model spec of a size: ``demo`` is the demo recipe's model as ``nvila fit --config demo`` builds it."""
+    if size == "demo":
+        from nvila.workflows.bench.models import demo_model_spec
+
+        return demo_model_spec()
     if size not in SIZES:
-        raise NvilaError(f"Unknown size '{size}'; sizes: {', '.join(SIZES)}.")
+        raise NvilaError(f"Unknown size '{size}'; sizes: demo, {', '.join(SIZES)}.")
+    return copy.deepcopy(SIZES[size])
+
+
+def build(size: str, seed: int = 0) -> NvilaModel:
+    spec = size_spec(size)
     torch.manual_seed(seed)
-    return NvilaModel(copy.deepcopy(SIZES[size])).eval()
+    return NvilaModel(spec).eval()
 
 
 def to_bf16(model: NvilaModel) -> NvilaModel:
@@ -384,7 +390,7 @@ def build_peer(size: str, tokenizer: Any, seed: int = 0) -> tuple[Any, Any]:
         SiglipVisionConfig,
     )
 
-    spec = SIZES[size]
+    spec = size_spec(size)
     vision = spec["encoder"].get("base", spec["encoder"])
     llm = spec["llm"]
     tokenizer = copy.deepcopy(tokenizer)
@@ -518,10 +524,12 @@ def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]
                       runs: dict[str, dict[str, int]] | None = None) -> None:
     options = bench.options
     ckpt = options.ckpt
-    sizes = sizes or ({"checkpoint": ("", tuple(QUALITY_CONFIGS))} if ckpt else QUALITY_SIZES)
+    if sizes is None:  # a trained checkpoint takes the random demo model's place; mid size runs beside it
+        sizes = {"checkpoint": ("", tuple(QUALITY_CONFIGS)), "mid-1tile": QUALITY_SIZES["mid-1tile"]} if ckpt \
+            else QUALITY_SIZES
     runs = runs or QUALITY_RUNS
-    names = [f"{s} {c}" for s, (_, configs) in sizes.items() for c in (*(["full precision"] if ckpt else []),
-                                                                         *configs)]
+    names = [f"{s} {c}" for s, (_, configs) in sizes.items()
+             for c in (*(["full precision"] if ckpt and s == "checkpoint" else []), *configs)]
     selected = sizes_of(bench, names, list(sizes))
     with ExitStack() as stack:
         calib, held = options.calib, options.held_out
@@ -536,7 +544,7 @@ def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]
         for size, kept in selected.items():
             configs = [c for c in sizes[size][1] if f"{size} {c}" in kept]
             if configs or f"{size} full precision" in kept:
-                quality(bench, size, sizes[size][0], configs, calib, held, ckpt,
+                quality(bench, size, sizes[size][0], configs, calib, held, ckpt if size == "checkpoint" else None,
                         **runs.get(size, QUALITY_RUNS["demo"]))
                 gc.collect()
     bench.order(names)
