@@ -326,12 +326,29 @@ class Engine:
     to sequences that have finished while others run on.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, compile_decode: bool = False) -> None:
         self.model = model
+        self.compile_decode = compile_decode
+        """Decoding steps run the language model through ``torch.compile`` (see :mod:`nvila.core.compiled`): faster
+        steps once the first ones have compiled (tens of seconds). The model must not change while it decodes."""
+        self._compiled_step = None
+        if compile_decode:
+            from nvila.core.compiled import compile_step
+
+            self._compiled_step = compile_step(model.llm, self.device)
         self.tokenizer = model.tokenizer
         self.eos_token_id = self.tokenizer.eos_token_id
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_id
+
+    def warm_up(self, batch_sizes: Iterable[int] = (1,)) -> None:
+        """Answer a short text prompt at each batch size, so that a compiled decoding step compiles now (tens of
+        seconds per batch shape) rather than inside the first real request."""
+        request = ChatRequest([{"role": "user", "content": "Hello"}])
+        for size in batch_sizes:
+            state = self.prefill(self.inputs([request] * size))
+            for _ in range(2):  # the first step compiles; the second checks that it is not compiled again
+                state = self.step(state, state.logits.argmax(-1))
 
     @property
     def device(self) -> torch.device:
@@ -409,7 +426,8 @@ class Engine:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(token_ids), 1)], dim=1)
         positions = state.positions + 1  # (B,)
         embeds = self.model.llm.embed(token_ids[:, None])  # (B, 1, D)
-        logits, cache = self.model.llm.forward_with_cache(embeds, mask, positions[:, None], state.cache)
+        forward = self._compiled_step or self.model.llm.forward_with_cache
+        logits, cache = forward(embeds, mask, positions[:, None], state.cache)
         return Prefill(logits[:, -1].float(), cache, mask, positions)
 
     def stream(self, requests: Sequence[ChatRequest | Sequence[Mapping[str, Any]]],

@@ -54,11 +54,23 @@ def test_time_to_first_token_compares_every_configuration(limits):
 
 def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     bench = run_of("quant-decode")
-    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits)
+    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits, configs=("fp32", "bf16", "w4a16"))
     w4a16 = records(bench)["demo w4a16"]
     assert w4a16.value("decode") > 0 and w4a16.baseline in ("demo fp32", "demo bf16")
     assert any(n.startswith("target: weight bytes, % of bf16 ≤ 30 %") for n in w4a16.notes)
     assert w4a16.value("LLM weight bytes") < records(bench)["demo bf16"].value("LLM weight bytes")
+
+
+@pytest.mark.slow
+def test_compiled_decode_rows_compare_with_compiled_baselines_and_report_compile_time(limits):
+    bench = run_of("quant-decode")
+    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
+                        configs=("bf16", "bf16 compiled", "w4a16 compiled"))
+    found = records(bench)
+    w4a16 = found["demo w4a16 compiled"]
+    assert w4a16.baseline == "demo bf16 compiled" and w4a16.value("compile (first steps)") > 0
+    assert any(n.startswith("target: bandwidth share ≥ 50 %") for n in w4a16.notes)
+    assert found["demo bf16 compiled"].baseline == "demo bf16"
 
 
 @pytest.mark.bf16

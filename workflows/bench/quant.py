@@ -299,19 +299,22 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
 
 
 # -- quant-decode ---------------------------------------------------------------------------------------------
-DECODE_CONFIGS = ("fp32", "bf16", "w4a16")
+DECODE_CONFIGS = ("fp32", "bf16", "w4a16", "bf16 compiled", "w4a16 compiled")
+COMPILED = " compiled"
+"""The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_SUMMARY = (
     "Decode tokens/s (`Engine.step`, 16 steps after a short text prompt) per configuration: fp32, bf16 and a W4A16 "
-    "language model (round to nearest; the rest fp32). LLM weight bytes are the language model's state dict as "
-    "stored (a tied output layer once), read once per token; the bandwidth share is those bytes x tokens/s over "
-    "the copy bandwidth, the best one measured at the start and in every round. Targets: W4A16 >= 2x the fastest "
-    "unquantized, <= 30 % of bf16's weight bytes, >= 50 % of the bandwidth.")
+    "language model (round to nearest; the rest fp32), eager and with the step compiled (`compiled`: "
+    "`Engine(compile_decode=True)`, `nvila generate --compile`; its compile time is that of the first steps). LLM "
+    "weight bytes are the language model's state dict as stored (a tied output layer once), read once per token; the "
+    "bandwidth share is those bytes x tokens/s over the copy bandwidth, the best one measured at the start and in "
+    "every round. Targets: W4A16 >= 2x the fastest unquantized decoding the same way (eager or compiled), <= 30 % "
+    "of bf16's weight bytes, >= 50 % of the bandwidth.")
 
 
-@torch.no_grad()
 def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens: int = 16, repeats: int = 3,
-                     limits: Limits | None = None) -> None:
-    names = [f"{s} {c}" for s in sizes for c in DECODE_CONFIGS]
+                     limits: Limits | None = None, configs: Sequence[str] = DECODE_CONFIGS) -> None:
+    names = [f"{s} {c}" for s in sizes for c in configs]
     selected, limits = start_timed_suite(bench, names, sizes, limits)
     for size, kept in selected.items():
         if kept:
@@ -324,47 +327,57 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
     """Decode tokens/s after a short text prompt, and the language model's weight bytes, per configuration."""
     device = bench.device
     base = build(size)
-    models = variants(base, configs, device)
+    models = variants(base, sorted({c.removesuffix(COMPILED) for c in configs}), device)  # compiled or not, one model
     del base
     gc.collect()
     prompt = ChatRequest([{"role": "user", "content": "Describe a picture of a red square on a blue field."}])
-    weight = {}
-    for name, model in models.items():
+    weight, engines, compile_s = {}, {}, {}
+    for name in configs:
+        model = models[name.removesuffix(COMPILED)]
         weight[name] = llm_bytes(model)  # before the first forward: as the checkpoint stores them
-        engine = Engine(model)
-        engine.prefill(engine.inputs([prompt]))  # packs
-    best = {name: math.inf for name in models}
+        engines[name] = Engine(model, compile_decode=name.endswith(COMPILED))
+        with Stopwatch(device) as watch:
+            engines[name].warm_up()  # packs quantized layers; compiles a compiled step
+        compile_s[name] = watch.seconds
+    best = {name: math.inf for name in configs}
     bandwidth = limits.bandwidth
     for _ in range(repeats):
         bandwidth = max(bandwidth, _copy_bandwidth(128 * 1024 * 1024, 1, device))  # under the same load
-        for name, model in models.items():
-            engine = Engine(model)
+        for name, engine in engines.items():
             state = engine.prefill(engine.inputs([prompt]))
             with Stopwatch(device) as watch:
                 for _ in range(tokens):
                     state = engine.step(state, state.logits.argmax(-1))
             best[name] = min(best[name], watch.seconds / tokens)
-    unquantized = [n for n in models if n != "w4a16"]
-    fastest = min(unquantized, key=lambda n: best[n]) if unquantized else None
-    for name in models:
+    for name in configs:
         per_s = 1 / best[name]
         share = 100 * weight[name] * per_s / bandwidth
         notes, baseline = [], None
-        if name == "w4a16" and fastest:
-            baseline = f"{size} {fastest}"
-            ratio = best[fastest] / best[name]
-            notes.append(target_note(f"decode against the fastest unquantized ({fastest})", ratio, 2, "×", ratio >= 2))
-            if "bf16" in weight:
-                part = 100 * weight[name] / weight["bf16"]
+        compiled = name.endswith(COMPILED)
+        if name.startswith("w4a16"):
+            same_way = [n for n in configs if not n.startswith("w4a16") and n.endswith(COMPILED) == compiled]
+            fastest = min(same_way, key=lambda n: best[n]) if same_way else None
+            if fastest:
+                baseline = f"{size} {fastest}"
+                ratio = best[fastest] / best[name]
+                notes.append(target_note(f"decode against the fastest unquantized ({fastest})", ratio, 2, "×",
+                                         ratio >= 2))
+            bf16 = "bf16 compiled" if compiled and "bf16 compiled" in weight else "bf16"
+            if bf16 in weight:
+                part = 100 * weight[name] / weight[bf16]
                 notes.append(target_note("weight bytes, % of bf16", part, -30, " %", part <= 30))
             notes.append(target_note("bandwidth share", share, 50, " %", share >= 50))
-        elif name == "bf16" and "fp32" in models:
+        elif compiled and name.removesuffix(COMPILED) in configs:
+            baseline = f"{size} {name.removesuffix(COMPILED)}"
+        elif name == "bf16" and "fp32" in configs:
             baseline = f"{size} fp32"
+        metrics = {"decode": Metric(round(per_s, 2), "tokens/s", "higher", "{:.3g}"),
+                   "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.4g}"),
+                   "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}
+        if compiled:
+            metrics["compile (first steps)"] = Metric(round(compile_s[name], 1), "s", None, "{:.1f}")
         bench.add(Record(bench.suite, f"{size} {name}", group="decode", baseline=baseline, notes=notes,
-                         settings={"size": size, "steps": tokens},
-                         metrics={"decode": Metric(round(per_s, 2), "tokens/s", "higher", "{:.3g}"),
-                                  "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.4g}"),
-                                  "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}))
+                         settings={"size": size, "steps": tokens}, metrics=metrics))
     bench.note(f"{size}: copy bandwidth {bandwidth / 1e9:.2f} GB/s (best of the start and each round)")
 
 

@@ -138,13 +138,17 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The server's ASGI app for a loaded model (anything ``load_checkpoint`` returns: ours or a released
     checkpoint, full precision or quantized); its decoding thread runs while the app is up (lifespan)."""
     settings = settings or ServeSettings()
-    engine = Engine(model)
+    engine = Engine(model, compile_decode=settings.compile_decode)
     worker = DecodeLoop(engine, settings.max_batch, settings.prefill_batch, settings.max_queue, settings.prefill_tokens)
     context = int(model.spec.max_length)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.compile_decode:
+            started = time.perf_counter()
+            engine.warm_up(range(1, min(2, settings.max_batch) + 1))
+            log.info("compiled the decoding step in %.1f s", time.perf_counter() - started)
         worker.start()
         log.info("serving %s: batch of %d, queue of %d, context of %d tokens", settings.model_name,
                  settings.max_batch, settings.max_queue, context)

@@ -40,6 +40,9 @@ class ServeSettings:
     prefill_tokens: int = 4096
     """Most tokens (prompts padded to the longest, visual tokens included) in one prefill: a long prompt is not
     batched with short ones it would pad out; one prompt longer than this is still prefilled, alone."""
+    compile_decode: bool = False
+    """Decode through ``torch.compile`` (``nvila.core.compiled``): faster steps; the server compiles before it
+    listens (tens of seconds per batch shape) so that no request waits for it."""
     max_queue: int = 32
     """Most requests waiting for a place in the batch; one more is answered 429."""
     request_timeout_s: float = 300.0
