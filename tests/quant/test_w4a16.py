@@ -16,6 +16,7 @@ from nvila.quant.w4a16 import (
     pack_nibbles,
     pick_kernel,
     quantize_groups,
+    split_nibble_blocks,
     unpack_by_probe,
     unpack_cpu,
     unpack_nibbles,
@@ -72,6 +73,20 @@ def test_prefill_sized_calls_run_a_dense_bf16_matmul_that_agrees_with_the_int4_k
     plain = layer.plain()
     expected = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"])
     assert torch.allclose(layer.dense_weight(layer._packed).float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [128, 144], ids=["whole blocks, read in place", "a short last block, gathered"])
+def test_the_dense_weight_is_the_exact_dequantization_within_one_bf16_rounding(rows):
+    part = nn.Sequential(nn.Linear(256, rows))
+    W4A16(W4A16Config(method="rtn")).quantize(part)
+    layer = part[0]
+    layer(torch.randn(1, 256))  # packs
+    assert bool(split_nibble_blocks(rows)) == (rows == 128)
+    plain = layer.plain()
+    exact = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"].float(), plain["zeros"].float())
+    dense = layer.dense_weight(layer._packed)
+    assert dense.shape == (rows, 256) and dense.dtype == torch.bfloat16
+    assert bool(((dense.float() - exact).abs() <= exact.abs() * 2 ** -8).all())  # bf16 keeps 8 significant bits
 
 
 def test_output_widths_the_cpu_kernel_cannot_block_are_padded_and_cut_back(tmp_path):
