@@ -128,3 +128,8 @@ def test_an_only_filter_that_matches_nothing_is_refused(capsys):
 
     assert main(["bench", "qlora", "--only", "no such configuration"]) == 2
     assert "matches no configuration" in capsys.readouterr().err
+
+
+def test_a_value_just_short_of_its_target_shows_the_digits_that_tell_them_apart():
+    assert bq.target_note("bandwidth share", 49.96, 50, " %", False).endswith("MISSED (49.96 %)")
+    assert bq.target_note("decode", 2.4412, 2, "×", True).endswith("met (2.44×)")

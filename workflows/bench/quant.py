@@ -136,9 +136,13 @@ def llm_bytes(model: NvilaModel) -> int:
 
 
 def target_note(what: str, value: float, target: float, unit: str, met: bool) -> str:
-    """A target of the issue and whether this row meets it, as a report note."""
+    """A target of the issue and whether this row meets it, as a report note (the value with as many digits as
+    it takes to tell it from the target: 49.96 %, not 50 %, for a missed 50 %)."""
+    digits = 3
+    while float(f"{value:.{digits}g}") == abs(target) and value != abs(target) and digits < 8:
+        digits += 1
     return f"target: {what} {'≥' if target > 0 else '≤'} {abs(target):g}{unit}: {'met' if met else 'MISSED'} " \
-           f"({value:.3g}{unit})"
+           f"({value:.{digits}g}{unit})"
 
 
 def sizes_of(bench: BenchRun, names: Sequence[str], sizes: Sequence[str]) -> dict[str, list[str]]:
