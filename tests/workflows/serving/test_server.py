@@ -339,3 +339,20 @@ def test_the_serve_command_serves_a_checkpoint_and_logs_a_line_per_request(tmp_p
     assert refused.status_code == 400
     assert f"{answer.id} status=200 stream=no prompt={answer.usage.prompt_tokens} visual=" in log
     assert "stream=yes" in log and "status=400" in log and "ttft_ms=" in log
+
+
+@pytest.mark.slow
+def test_a_compiling_server_compiles_before_it_listens_and_answers_as_the_eager_engine(varied_model):
+    from torch._dynamo.utils import counters
+
+    app = create_app(varied_model, ServeSettings(model_name=MODEL, compile_decode=True))
+    with running(app) as url:  # the lifespan's warm-up compiles batch 1 and batch 2
+        counters.clear()
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda q: client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=8, temperature=0),
+                QUESTIONS[:3]))
+    assert [a.choices[0].message.content for a in answers] == [reference(varied_model, q, 8).text
+                                                               for q in QUESTIONS[:3]]
+    assert counters["stats"]["unique_graphs"] == 0  # nothing compiled while requests waited
