@@ -7,10 +7,11 @@ on the mid-size model of ``nvila bench quant-decode`` (a Qwen2-0.5B shape) it cu
 on one core (docs/benchmarks.md). The first steps pay the compilation: tens of seconds, once per model and
 batch shape (batch 1 and larger batches compile apart; the cache length is dynamic).
 
-Guards on the model's submodules are skipped (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): checking
+Guards on the model's modules are skipped (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): checking
 them costs ~2.5 ms a step on a 24-layer model. The compiled step is therefore only correct while the model does
 not change under it, which holds for an engine: nothing quantizes, unpacks or swaps layers while it decodes.
-The guard on the language model itself stays, so two models never share a compiled step.
+Without those guards nothing would tell two models of one class apart, so each compiled step gets a code object,
+and with it a compiled-code cache, of its own (:func:`compile_step`).
 
 Prefill is not compiled: its shapes vary with every prompt, and it is dominated by large matmuls already.
 """

@@ -104,3 +104,12 @@ def test_placeholders_go_first_unless_the_prompt_places_them():
     assert with_placeholders("Why?", images=0, videos=0) == "Why?"
 
 
+
+
+@pytest.mark.slow
+def test_compile_gives_the_answer_eager_decoding_gives(media, varied_model, capsys):
+    assert main(["generate", "--ckpt", str(media / "ckpt"), "--prompt", "Tell me a story.", "--max-new-tokens", "9",
+                 "--compile"]) == 0
+    (answer,) = Engine(varied_model).generate([ChatRequest([{"role": "user", "content": "Tell me a story."}])],
+                                              DecodingConfig(max_new_tokens=9))
+    assert capsys.readouterr().out == answer.text + "\n"

@@ -316,6 +316,7 @@ DECODE_SUMMARY = (
     "of bf16's weight bytes, >= 50 % of the bandwidth.")
 
 
+@torch.no_grad()
 def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens: int = 16, repeats: int = 3,
                      limits: Limits | None = None, configs: Sequence[str] = DECODE_CONFIGS) -> None:
     names = [f"{s} {c}" for s in sizes for c in configs]

@@ -144,3 +144,14 @@ def test_a_base64_payload_with_whitespace_or_a_wrong_claimed_type_is_judged_by_i
     jpeg = base64.b64encode(SMALL).decode()
     claimed_jpeg = user([{"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{jpeg}"}}])
     assert httpx.post(url, json=claimed_jpeg, timeout=60).status_code == 200
+
+
+def test_serve_options_reach_the_settings():
+    import argparse
+
+    from nvila.workflows.serving.cli import add_arguments, settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings(parser.parse_args(["--ckpt", "x", "--compile"])).compile_decode
+    assert not settings(parser.parse_args(["--ckpt", "x"])).compile_decode
