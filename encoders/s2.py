@@ -15,7 +15,6 @@ features are repeated once per scale along channels, so frames and images share 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from nvila.core.errors import NvilaError
@@ -28,7 +27,7 @@ from nvila.encoders.configs import (  # noqa: F401  (the checks: still importabl
     check_scales,
 )
 from nvila.encoders.preprocess import load_rgb
-from nvila.encoders.tiling import merge_blocks
+from nvila.encoders.tiling import area_resize, merge_blocks
 
 Grid = tuple[int, int]
 
@@ -147,9 +146,8 @@ class S2Encoder(VisionEncoder):
             if (r, c) == (rows, cols):
                 out[..., part] = tiles
                 continue
-            stitched = merge_blocks(tiles, r, c).permute(2, 0, 1)[None]  # (1, C, r*h, c*w)
-            resized = F.interpolate(stitched.float(), size=(rows * h, cols * w), mode="area")  # in float32, as NVILA
-            resized = resized[0].permute(1, 2, 0).to(out.dtype)  # (R*h, C*w, C)
+            stitched = merge_blocks(tiles, r, c).float()  # (r*h, c*w, C), in float32 as NVILA resizes
+            resized = area_resize(stitched, rows * h, cols * w).to(out.dtype)  # (R*h, C*w, C)
             out_map[..., part] = resized.unflatten(0, (rows, h)).unflatten(2, (cols, w))  # (R, h, C, w, C)
         return out
 
@@ -168,7 +166,7 @@ class S2Encoder(VisionEncoder):
                 blocks.append(image_features.repeat(1, 1, 1, len(self.scales)))  # (1, h, w, L*C)
             else:
                 blocks.append(self.merge_scales(image_features, grid))  # (R*C, h, w, L*C)
-        return torch.cat(blocks)  # (sum R*C, h, w, L*C)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (sum R*C, h, w, L*C)
 
     def enable_gradient_checkpointing(self) -> None:
         self.base.enable_gradient_checkpointing()

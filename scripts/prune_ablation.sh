@@ -4,13 +4,13 @@
 # each half from scratch, and evaluate both on the held-out split.
 #
 #   bash scripts/prune_ablation.sh [OUT_DIR]
-#   TRAIN=20000 STEPS=1500 bash scripts/prune_ablation.sh    # the demo's own size (about 15 minutes)
+#   TRAIN=20000 STEPS=800 bash scripts/prune_ablation.sh    # the demo recipe's own size and steps
 #
 # MODEL and SMALL are extra `nvila fit` arguments for the large and the small model; IMAGE the image size.
 set -euo pipefail
 OUT=${1:-prune-ablation}
 TRAIN=${TRAIN:-20000}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-800}
 IMAGE=${IMAGE:-64}
 read -r -a MODEL <<< "${MODEL:-}"
 read -r -a SMALL <<< "${SMALL:---model.llm.hidden_size=64 --model.llm.intermediate_size=128 --model.llm.num_layers=1}"

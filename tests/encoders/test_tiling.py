@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from nvila.encoders.tiling import candidate_grids, closest_grid, merge_blocks, split_image, split_map
+from nvila.encoders.tiling import area_resize, candidate_grids, closest_grid, merge_blocks, split_image, split_map
 
 # NVILA-8B: 448 px tiles, scales 448/896/1344 -> at least (1344/448)^2 = 9 and at most 12 tiles.
 NVILA = dict(tile=448, min_tiles=9, max_tiles=12)
@@ -72,3 +72,12 @@ def test_tiles_are_row_major_and_stitching_inverts_splitting():
     stitched = merge_blocks(blocks, 2, 3)  # (4, 6, 3)
     assert torch.equal(stitched, image.permute(1, 2, 0))
     assert torch.equal(split_map(stitched, 2, 3), blocks)
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [((32, 32), (96, 128)), ((64, 64), (96, 128)), ((48, 40), (32, 24)),
+                                                   ((7, 5), (7, 11)), ((16, 16), (16, 16))],
+                         ids=["whole factors up", "a factor of 1.5", "down", "mixed, odd sizes", "same size"])
+def test_area_resize_is_torch_area_interpolation(size_in, size_out):
+    features = torch.randn(*size_in, 24, generator=torch.Generator().manual_seed(0))  # (H, W, C), channel-last
+    expected = torch.nn.functional.interpolate(features.permute(2, 0, 1)[None], size=size_out, mode="area")
+    torch.testing.assert_close(area_resize(features, *size_out), expected[0].permute(1, 2, 0), rtol=1e-5, atol=1e-6)
