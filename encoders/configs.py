@@ -59,17 +59,11 @@ def check_chunk_size(chunk_size: int | None) -> None:
 
 
 @dataclass
-class S2Config:
-    """Multi-scale features of a single-tile base encoder, merged into one map of tile-sized blocks.
-
-    S2: the base encoder sees the image at each of the square ``scales``."""
+class MultiScaleConfig:
+    """What S2 and DynS2 share: the single-tile base encoder, how many tiles it runs at once, image decoding."""
 
     base: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
     """Spec of the single-tile encoder that encodes every tile, e.g. {name: siglip, image_size: 448}."""
-    scales: list[int] = field(default_factory=lambda: [64, 128])
-    """Square image sides in pixels, increasing; each a multiple of the base encoder's tile size."""
-    output_scale: int = 0
-    """Index into scales of the scale whose feature size the merged map takes (s2wrapper: 0, the smallest)."""
     chunk_size: int | None = None
     """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -79,44 +73,47 @@ class S2Config:
     exif_rotate: bool = True
     """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
-    def __post_init__(self) -> None:
-        check_scales(self.scales)
+    def check_shared(self) -> None:
         check_decoding(self.alpha, self.max_pixels)
-        if not -len(self.scales) <= self.output_scale < len(self.scales):
-            raise ValueError(f"output_scale {self.output_scale} is not an index into scales {list(self.scales)}")
         check_chunk_size(self.chunk_size)
         check_base(self.base)
 
 
 @dataclass
-class DynS2Config:
+class S2Config(MultiScaleConfig):
+    """Multi-scale features of a single-tile base encoder, merged into one map of tile-sized blocks.
+
+    S2: the base encoder sees the image at each of the square ``scales``."""
+
+    scales: list[int] = field(default_factory=lambda: [64, 128])
+    """Square image sides in pixels, increasing; each a multiple of the base encoder's tile size."""
+    output_scale: int = 0
+    """Index into scales of the scale whose feature size the merged map takes (s2wrapper: 0, the smallest)."""
+
+    def __post_init__(self) -> None:
+        check_scales(self.scales)
+        if not -len(self.scales) <= self.output_scale < len(self.scales):
+            raise ValueError(f"output_scale {self.output_scale} is not an index into scales {list(self.scales)}")
+        self.check_shared()
+
+
+@dataclass
+class DynS2Config(MultiScaleConfig):
     """S2 whose largest scale follows the image's aspect ratio; blocks in the largest scale's grid.
 
     DynS2, as in NVILA-8B: siglip so400m 448 base, scales [448, 896, 1344], max_tiles 12."""
 
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "siglip"})
-    """Spec of the single-tile encoder that encodes every tile, e.g. {name: siglip, image_size: 448}."""
     scales: list[int] = field(default_factory=lambda: [64, 128, 192])
     """Image sides in pixels, increasing; the smallest is the base encoder's tile, the rest its multiples."""
     max_tiles: int = 12
     """Most tiles at the largest scale; the fewest is (largest / smallest scale)**2 (NVILA: 12 and 9)."""
-    chunk_size: int | None = None
-    """Most tiles per base-encoder forward, to bound memory; null runs all tiles of a batch at once."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
-    alpha: str = "white"
-    """Transparent pixels: 'white' composites them onto white (nvila); 'drop' discards alpha (released NVILA)."""
-    exif_rotate: bool = True
-    """Turn photos upright by their EXIF orientation (nvila); released NVILA never does (false)."""
 
     def __post_init__(self) -> None:
         check_scales(self.scales)
-        check_decoding(self.alpha, self.max_pixels)
         if self.max_tiles < self.min_tiles:
             raise ValueError(f"max_tiles {self.max_tiles} is below the ({self.scales[-1]} / {self.scales[0]})**2 "
                              f"= {self.min_tiles} tiles the largest scale needs at least")
-        check_chunk_size(self.chunk_size)
-        check_base(self.base)
+        self.check_shared()
 
     @property
     def min_tiles(self) -> int:
