@@ -14,7 +14,7 @@ W8A8_KERNELS = ("auto", "onednn", "fbgemm", "torchao")
 W8A8_DTYPES = ("auto", "fp32", "bf16")
 W4A16_GROUP_SIZES = (32, 64, 128)
 W4A16_METHODS = ("awq", "rtn")
-W4A16_KERNELS = ("auto", "cpu", "cuda", "reference")
+W4A16_KERNELS = ("auto", "avx512_bf16", "cpu", "cuda", "reference")
 W4A16_DTYPES = ("bf16", "fp16")
 
 
@@ -84,17 +84,19 @@ class W4A16Config:
     method: str = "awq"
     """'awq': activation-aware scales and clipping searched on calibration samples; 'rtn': round to nearest."""
     kernel: str = "auto"
-    """'auto' (CPU: torchao's CPU int4; CUDA: tinygemm's tile-packed int4), 'cpu', 'cuda', or 'reference'
-    (dequantizes at every call: any device, slow)."""
+    """'auto' (CPU: nvila's AVX512-BF16 int4 kernel where the CPU has those instructions, else torch's CPU int4;
+    CUDA: tinygemm's tile-packed int4), 'avx512_bf16', 'cpu', 'cuda', or 'reference' (dequantizes at every call:
+    any device, slow)."""
     dtype: str = "bf16"
     """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     """Linear layers kept in 16 bits: fnmatch patterns on the qualified name or its last part (AWQ keeps the
     output layer, which small models tie to the input embedding)."""
-    dense_rows: int = 256
-    """On CPUs, a call with at least this many rows (a long prefill) dequantizes the layer to bf16 and runs one dense
-    matmul, which beats the int4 kernel there from a few hundred rows on (the int4 kernel is made for decoding);
-    0 keeps the int4 kernel for every call."""
+    dense_rows: int | None = None
+    """On CPUs, a call with at least this many rows (a prefill) dequantizes the layer to bf16 and runs one dense
+    matmul, which beats an int4 kernel past some rows (int4 kernels are made for decoding); 0 keeps the int4 kernel
+    for every call. None: each kernel's own crossover, measured on one core (32 rows for ``avx512_bf16``, 256 for
+    torch's ``cpu``)."""
     calib_rows: int = 256
     """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
     awq_grid: int = 20
@@ -111,7 +113,7 @@ class W4A16Config:
             problems.append(f"kernel must be one of {', '.join(W4A16_KERNELS)}, got '{self.kernel}'")
         if self.dtype not in W4A16_DTYPES:
             problems.append(f"dtype must be one of {', '.join(W4A16_DTYPES)}, got '{self.dtype}'")
-        if self.calib_rows < 1 or self.awq_grid < 1 or self.dense_rows < 0:
+        if self.calib_rows < 1 or self.awq_grid < 1 or (self.dense_rows or 0) < 0:
             problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
         if problems:
             raise ValueError("; ".join(problems))

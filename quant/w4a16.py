@@ -7,9 +7,10 @@ shards; see ``nvila.quant.awq``) or from plain round-to-nearest (``method: rtn``
 
 Values follow tinygemm's convention, ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. The checkpoint holds
 them as plain tensors (two values a byte); the layer packs them for its device's kernel on first use
-(API notes, section 3): torchao's ``Int4OpaqueTensor`` on CPUs (``PrototypeInt4WeightOnlyConfig``'s layout),
-the tile-packed tinygemm layout on CUDA GPUs of compute capability 8.0 or higher. ``kernel: reference``
-dequantizes at every call instead: slow, but it runs on any device.
+(API notes, section 3): on CPUs with AVX512-BF16, nvila's own kernel reads the plain layout as it is
+(``nvila.quant.int4_cpu``, about twice torch's speed at decoding); on other CPUs, torchao's ``Int4OpaqueTensor``
+(``PrototypeInt4WeightOnlyConfig``'s layout); the tile-packed tinygemm layout on CUDA GPUs of compute
+capability 8.0 or higher. ``kernel: reference`` dequantizes at every call instead: slow, but it runs on any device.
 """
 
 from __future__ import annotations
@@ -29,18 +30,39 @@ from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
+DENSE_ROWS = {"avx512_bf16": 32, "cpu": 256}
+"""Rows from which a call runs dequantize-then-bf16-matmul rather than the kernel, per CPU kernel (``dense_rows:
+None``): about where the two cross on one core (Zen 4 for nvila's kernel, whose cost grows with the rows from 4 on;
+Sapphire Rapids for torch's)."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """The torch dtype of each name in ``W4A16Config.dtype``'s choices (``configs.W4A16_DTYPES``)."""
 
 
-def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The kernel that runs W4A16 on ``device``: ``kernel`` itself unless 'auto'; NvilaError naming the alternative."""
+def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> str:
+    """The kernel that runs W4A16 on ``device``: ``kernel`` itself unless 'auto'; NvilaError naming the alternative.
+
+    'auto' on a CPU picks nvila's own kernel (``avx512_bf16``, :mod:`nvila.quant.int4_cpu`) where the CPU has
+    AVX512-BF16 and it builds, for groups of 64 or 128; torch's int4 kernel (``cpu``) everywhere else.
+    """
     if kernel == "auto":
         if device.type not in ("cpu", "cuda"):
             raise NvilaError(f"W4A16 has no int4 kernel for {device.type} devices (torchao has them for CPUs and CUDA "
                              "GPUs of compute capability 8.0+). Set `kernel: reference` to dequantize at every call "
                              "(slow, any device), or serve on a CPU or a CUDA GPU.")
         kernel = device.type
+        if kernel == "cpu" and dtype == torch.bfloat16 and group_size % 64 == 0:
+            from nvila.quant import int4_cpu
+
+            kernel = "avx512_bf16" if int4_cpu.available() else "cpu"
+    if kernel == "avx512_bf16":
+        if device.type != "cpu":
+            raise NvilaError(f"W4A16 kernel 'avx512_bf16' runs on CPUs, not on {device}; use kernel 'auto'.")
+        if group_size % 64:
+            raise NvilaError(f"W4A16 kernel 'avx512_bf16' takes groups of 64 or 128, not {group_size}; use kernel "
+                             "'cpu' (torch's int4 kernel) for groups of 32.")
+        from nvila.quant import int4_cpu
+
+        int4_cpu.load()  # NvilaError naming what the machine lacks, and kernel 'cpu'
     if kernel == "cpu" and device.type != "cpu":
         raise NvilaError(f"W4A16 kernel 'cpu' runs on CPUs, not on {device}; use kernel 'auto'.")
     if kernel == "cuda":
@@ -53,7 +75,7 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
         if capability < (8, 0):
             raise NvilaError(f"W4A16 kernel 'cuda' (tinygemm int4) needs compute capability 8.0 or higher; "
                              f"{torch.cuda.get_device_name(device)} has {capability}. Use kernel 'reference'.")
-    if kernel in ("cpu", "cuda") and dtype != torch.bfloat16:
+    if kernel in ("cpu", "cuda", "avx512_bf16") and dtype != torch.bfloat16:
         raise NvilaError(f"W4A16's int4 kernels take bf16 activations, not {dtype}; set dtype 'bf16', or kernel "
                          "'reference' for fp16.")
     return kernel
@@ -246,7 +268,7 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  input_scale: torch.Tensor | None, bias: torch.Tensor | None, kernel: str = "auto",
-                 dense_rows: int = 0) -> None:
+                 dense_rows: int | None = None) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0])
         self.register_buffer("qweight", qweight)  # (N, K/2) uint8, two values a byte
         self.register_buffer("scales", scales)  # (N, K/group), 16-bit
@@ -260,10 +282,14 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def pack(self, plain: dict[str, torch.Tensor]) -> Any:
         scales, zeros = plain["scales"], plain["zeros"]
-        kernel = pick_kernel(self.kernel, scales.device)  # the int4 kernels compute in bf16 whatever the scales are in
+        kernel = pick_kernel(self.kernel, scales.device, group_size=self.group_size)
+        # the int4 kernels compute in bf16 whatever the scales are in
         self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
         if kernel == "reference":  # the plain tensors themselves, two values a byte
             return {"qweight": plain["qweight"], "scales": scales, "zeros": zeros}
+        if kernel == "avx512_bf16":  # the plain layout too, with 16-bit numbers in bf16
+            return {"qweight": plain["qweight"].contiguous(), "scales": scales.to(torch.bfloat16).contiguous(),
+                    "zeros": zeros.to(torch.bfloat16).contiguous()}
         q = unpack_nibbles(plain["qweight"])
         from nvila.quant import _torchao
 
@@ -272,7 +298,7 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
         n, k = self.out_features, self.in_features
-        if self._running == "reference":
+        if self._running in ("reference", "avx512_bf16"):
             return dict(packed)
         else:
             from nvila.quant import _torchao
@@ -337,6 +363,10 @@ class Int4WeightOnlyLinear(PackedLinear):
         """The weight as a dense (N, K) matrix in the activations' dtype, made anew at each call (never kept)."""
         if self._running == "reference":
             return dequantize_nibbles(**packed)
+        if self._running == "avx512_bf16":
+            from nvila.quant import int4_cpu
+
+            return int4_cpu.dequantize(**packed)
         if self._running == "cpu":
             return self.dense_weight(packed)
         plain = self.unpack(packed)  # CUDA's tile layout: read back by probing (slower, still transient)
@@ -352,9 +382,20 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def product(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (..., K) in the activations' dtype times the weight, plus ``bias``: (..., N); no autograd graph."""
-        if isinstance(packed, dict):  # the reference kernel
+        dense_rows = DENSE_ROWS.get(self._running, 0) if self.dense_rows is None else self.dense_rows
+        long = dense_rows and x.numel() // x.shape[-1] >= dense_rows  # prefill-sized: one dense matmul
+        if self._running == "reference":
             weight = dequantize_nibbles(**packed).to(x.dtype)
-        elif self._running == "cpu" and self.dense_rows and x.numel() // x.shape[-1] >= self.dense_rows:
+        elif self._running == "avx512_bf16":
+            from nvila.quant import int4_cpu
+
+            if long:
+                weight = int4_cpu.dequantize(**packed)  # (N, K) bf16
+            else:
+                y = int4_cpu.matmul(x.reshape(-1, self.in_features), **packed)  # (M, N)
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y + bias.to(y.dtype) if bias is not None else y
+        elif self._running == "cpu" and long:
             weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
         elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch
             from nvila.quant._torchao import int4_cpu_mm
@@ -399,7 +440,7 @@ class W4A16(Quantizer):
         """AWQ's outcome per layer after the last :meth:`quantize` (alpha, clipping, output errors), to inspect."""
 
     def check_available(self, device: torch.device) -> None:
-        pick_kernel(self.config.kernel, torch.device(device), self.dtype)
+        pick_kernel(self.config.kernel, torch.device(device), self.dtype, self.config.group_size)
 
     def quantize(self, part: nn.Module, calibrate: Calibration | None = None) -> list[str]:
         from nvila.quant import awq

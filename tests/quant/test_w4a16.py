@@ -7,6 +7,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.specs import SpecError, build
+from nvila.quant import int4_cpu
 from nvila.quant._torchao import int4_cpu_pack
 from nvila.quant.w4a16 import (
     W4A16,
@@ -21,6 +22,9 @@ from nvila.quant.w4a16 import (
     unpack_cpu,
     unpack_nibbles,
 )
+
+NATIVE = pytest.mark.skipif(int4_cpu.missing() is not None, reason=f"nvila's int4 kernel: {int4_cpu.missing()}")
+CPU_KERNELS = ["cpu", pytest.param("avx512_bf16", marks=NATIVE)]
 
 
 def mlp(width: int = 256) -> nn.Module:
@@ -62,23 +66,26 @@ def test_the_cpu_kernels_packing_is_undone_exactly(shape):
     assert torch.equal(unpack_cpu(packed, n, k).int(), q)  # the layout torch documents, quickly
 
 
-def test_prefill_sized_calls_run_a_dense_bf16_matmul_that_agrees_with_the_int4_kernel():
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_prefill_sized_calls_run_a_dense_bf16_matmul_that_agrees_with_the_int4_kernel(kernel):
     part = mlp()
-    W4A16(W4A16Config(method="rtn", dense_rows=8)).quantize(part)
+    W4A16(W4A16Config(method="rtn", dense_rows=8, kernel=kernel)).quantize(part)
     layer, few, many = part[0], torch.randn(1, 4, 256), torch.randn(1, 8, 256)
     layer(few)  # packs
     dense = layer(many)
     layer.dense_rows = 0
     assert torch.allclose(dense.float(), layer(many).float(), atol=0.02, rtol=0.02)
     plain = layer.plain()
-    expected = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"], plain["zeros"])
-    assert torch.allclose(layer.dense_weight(layer._packed).float(), expected.float(), atol=1e-2, rtol=1e-2)
+    exact = dequantize_groups(unpack_nibbles(plain["qweight"]), plain["scales"].float(), plain["zeros"].float())
+    dense_weight = layer.dequantized(layer._packed)
+    assert dense_weight.shape == (384, 256) and dense_weight.dtype == torch.bfloat16
+    assert bool(((dense_weight.float() - exact).abs() <= exact.abs() * 2 ** -8).all())  # one bf16 rounding
 
 
 @pytest.mark.parametrize("rows", [128, 144], ids=["whole blocks, read in place", "a short last block, gathered"])
 def test_the_dense_weight_is_the_exact_dequantization_within_one_bf16_rounding(rows):
     part = nn.Sequential(nn.Linear(256, rows))
-    W4A16(W4A16Config(method="rtn")).quantize(part)
+    W4A16(W4A16Config(method="rtn", kernel="cpu")).quantize(part)
     layer = part[0]
     layer(torch.randn(1, 256))  # packs
     assert bool(split_nibble_blocks(rows)) == (rows == 128)
@@ -91,17 +98,18 @@ def test_the_dense_weight_is_the_exact_dequantization_within_one_bf16_rounding(r
 
 def test_output_widths_the_cpu_kernel_cannot_block_are_padded_and_cut_back(tmp_path):
     part, x = nn.Sequential(nn.Linear(64, 40)), torch.randn(3, 64)  # 40 rows: not a multiple of 16
-    W4A16(W4A16Config(method="rtn", group_size=32)).quantize(part)
+    W4A16(W4A16Config(method="rtn", group_size=32)).quantize(part)  # 'auto' takes torch's kernel for groups of 32
     before = part.state_dict()["0.qweight"].clone()
     out = part(x)
     assert out.shape == (3, 40) and part[0].is_packed
     assert torch.equal(part.state_dict()["0.qweight"], before)
 
 
-def test_the_cpu_kernel_computes_what_the_int4_values_say():
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_the_cpu_kernels_compute_what_the_int4_values_say(kernel):
     part, x = mlp(), torch.randn(3, 5, 256)
     reference = part(x)
-    W4A16(W4A16Config(method="rtn")).quantize(part)
+    W4A16(W4A16Config(method="rtn", kernel=kernel)).quantize(part)
     layer = part[0]
     plain = layer.plain()
     expected = nn.functional.linear(x.bfloat16().float(), dequantize_groups(
@@ -109,7 +117,7 @@ def test_the_cpu_kernel_computes_what_the_int4_values_say():
     with torch.no_grad():
         out = layer(x)
         whole = part(x)
-    assert layer._running == "cpu" and out.dtype == torch.bfloat16 and out.shape == (3, 5, 384)
+    assert layer._running == kernel and out.dtype == torch.bfloat16 and out.shape == (3, 5, 384)
     assert torch.allclose(out.float(), expected, atol=0.02, rtol=0.02)
     assert (whole.float() - reference).norm() / reference.norm() < 0.15
 
@@ -134,10 +142,11 @@ def test_state_dict_is_plain_and_survives_packing_and_reloading(method, tmp_path
     assert torch.equal(fresh(x), out)
 
 
-def test_the_reference_kernel_agrees_with_the_cpu_kernel():
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_the_reference_kernel_agrees_with_the_cpu_kernels(kernel):
     x = torch.randn(4, 256)
     cpu, reference = mlp(), mlp()
-    W4A16(W4A16Config(method="rtn")).quantize(cpu)
+    W4A16(W4A16Config(method="rtn", kernel=kernel)).quantize(cpu)
     W4A16(W4A16Config(method="rtn", kernel="reference")).quantize(reference)
     assert torch.allclose(cpu(x).float(), reference(x).float(), atol=0.03, rtol=0.03)
 
@@ -167,6 +176,38 @@ def test_a_device_without_the_kernel_is_refused_naming_the_alternative():
     with pytest.raises(NvilaError, match="bf16 activations"):
         W4A16(W4A16Config(dtype="fp16")).check_available(torch.device("cpu"))
     W4A16(W4A16Config(dtype="fp16", kernel="reference")).check_available(torch.device("cpu"))
+
+
+@NATIVE
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # one row (decoding); blocks of four activation rows and the rest
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_nvilas_kernel_is_the_exact_product_within_fp32_accumulation(rows, group_size):
+    torch.manual_seed(rows)
+    n, k = 134, 512  # 134 output rows: blocks of four and a remainder of two
+    q, scales, zeros = quantize_groups(torch.randn(n, k), group_size, torch.bfloat16)
+    x = torch.randn(rows, k).bfloat16()
+    exact = x.double() @ dequantize_groups(q, scales.double(), zeros.double()).t()  # (rows, N)
+    out = int4_cpu.matmul(x, pack_nibbles(q), scales, zeros)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    assert bool(((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3 * exact.abs().max()).all())
+    dense = int4_cpu.dequantize(pack_nibbles(q), scales, zeros)
+    expected = dequantize_groups(q, scales.float(), zeros.float())
+    assert bool(((dense.float() - expected).abs() <= expected.abs() * 2 ** -8).all())
+
+
+def test_auto_picks_nvilas_kernel_only_where_the_cpu_runs_avx512_bf16(monkeypatch):
+    device = torch.device("cpu")
+    assert pick_kernel("auto", device) == ("avx512_bf16" if int4_cpu.missing() is None else "cpu")
+    assert pick_kernel("auto", device, group_size=32) == "cpu"  # its groups are multiples of 64
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert pick_kernel("auto", device) == "cpu"
+    with pytest.raises(NvilaError, match="AVX2.*kernel 'cpu'"):
+        W4A16(W4A16Config(kernel="avx512_bf16")).check_available(device)
+
+
+def test_nvilas_kernel_refuses_groups_of_32_naming_torchs_kernel():
+    with pytest.raises(NvilaError, match="groups of 64 or 128, not 32.*kernel 'cpu'"):
+        W4A16(W4A16Config(kernel="avx512_bf16", group_size=32)).check_available(torch.device("cpu"))
 
 
 def test_the_output_layer_is_kept_by_default():

@@ -7,6 +7,7 @@ import io
 
 import pytest
 
+from nvila.quant import int4_cpu
 from nvila.workflows.bench import SUITES, BenchOptions, BenchRun
 from nvila.workflows.bench import quant as bq
 from nvila.workflows.bench.machine import describe_machine
@@ -54,11 +55,17 @@ def test_time_to_first_token_compares_every_configuration(limits):
 
 def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     bench = run_of("quant-decode")
-    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits, configs=("fp32", "bf16", "w4a16"))
-    w4a16 = records(bench)["demo w4a16"]
+    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
+                        configs=("fp32", "bf16", "w4a16", "w4a16-torch"))
+    found = records(bench)
+    w4a16, torch_int4 = found["demo w4a16"], found["demo w4a16-torch"]
     assert w4a16.value("decode") > 0 and w4a16.baseline in ("demo fp32", "demo bf16")
     assert any(n.startswith("target: weight bytes, % of bf16 ≤ 30 %") for n in w4a16.notes)
-    assert w4a16.value("LLM weight bytes") < records(bench)["demo bf16"].value("LLM weight bytes")
+    assert w4a16.value("LLM weight bytes") < found["demo bf16"].value("LLM weight bytes")
+    auto = "avx512_bf16" if int4_cpu.missing() is None else "cpu"
+    assert w4a16.settings["kernel"] == auto and torch_int4.settings["kernel"] == "cpu"
+    against_torch = [n for n in w4a16.notes if "kernel against torch's (w4a16-torch)" in n]
+    assert len(against_torch) == (auto != "cpu") and torch_int4.baseline == w4a16.baseline
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from PIL import Image
 from nvila.core.engine import ChatRequest, Engine
 from nvila.core.errors import NvilaError
 from nvila.core.model import NvilaModel
+from nvila.quant.w4a16 import Int4WeightOnlyLinear
 from nvila.workflows.bench.measure import Stopwatch, synchronize, time_call
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
@@ -57,6 +58,8 @@ IMAGES = ((896, 896), (1920, 1080))
 QUESTION = "What is shown in this image? Answer briefly."
 DEPLOYED = {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}}
 """The serving mix, for timing (AWQ and round-to-nearest run at the same speed; quality compares them)."""
+TORCH_INT4 = "w4a16-torch"
+"""W4A16 on torch's CPU int4 kernel (``kernel: cpu``), beside ``w4a16`` on the kernel 'auto' picks."""
 LIMITS_GROUP = "machine limits"
 
 
@@ -104,7 +107,8 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
 
 def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
-    W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), deployed (W8A8 vision, W4A16 language model)."""
+    W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), w4a16-torch (the same on torch's CPU int4 kernel),
+    deployed (W8A8 vision, W4A16 language model)."""
     out = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -116,6 +120,8 @@ def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dic
             to_bf16(model).quantize({"encoder": {"name": "w8a8", "dtype": "bf16"}})
         elif name == "w4a16":
             model.quantize({"llm": DEPLOYED["llm"]})
+        elif name == TORCH_INT4:
+            model.quantize({"llm": {**DEPLOYED["llm"], "kernel": "cpu"}})
         elif name == "deployed":
             model.quantize(DEPLOYED)
         elif name != "fp32":
@@ -303,12 +309,13 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
 
 
 # -- quant-decode ---------------------------------------------------------------------------------------------
-DECODE_CONFIGS = ("fp32", "bf16", "w4a16", "bf16 compiled", "w4a16 compiled")
+DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH_INT4} compiled", "w4a16 compiled")
 COMPILED = " compiled"
 """The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_SUMMARY = (
     "Decode tokens/s (`Engine.step`, 16 steps after a short text prompt) per configuration: fp32, bf16 and a W4A16 "
-    "language model (round to nearest; the rest fp32), eager and with the step compiled (`compiled`: "
+    "language model (round to nearest; the rest fp32) on the int4 kernel `kernel: auto` picks (its name under "
+    "*kernel*) and on torch's (`w4a16-torch`), eager and with the step compiled (`compiled`: "
     "`Engine(compile_decode=True)`, `nvila generate --compile`; its compile time is that of the first steps). LLM "
     "weight bytes are the language model's state dict as stored (a tied output layer once), read once per token; the "
     "bandwidth share is those bytes x tokens/s over the copy bandwidth, the best one measured at the start and in "
@@ -336,7 +343,7 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
     del base
     gc.collect()
     prompt = ChatRequest([{"role": "user", "content": "Describe a picture of a red square on a blue field."}])
-    weight, engines, compile_s = {}, {}, {}
+    weight, engines, compile_s, kernel = {}, {}, {}, {}
     for name in configs:
         model = models[name.removesuffix(COMPILED)]
         weight[name] = llm_bytes(model)  # before the first forward: as the checkpoint stores them
@@ -344,6 +351,7 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
         with Stopwatch(device) as watch:
             engines[name].warm_up()  # packs quantized layers; compiles a compiled step
         compile_s[name] = watch.seconds
+        kernel[name] = next((m._running for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)), None)
     best = {name: math.inf for name in configs}
     bandwidth = limits.bandwidth
     for _ in range(repeats):
@@ -372,6 +380,9 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
                 part = 100 * weight[name] / weight[bf16]
                 notes.append(target_note("weight bytes, % of bf16", part, -30, " %", part <= 30))
             notes.append(target_note("bandwidth share", share, 50, " %", share >= 50))
+            on_torch = TORCH_INT4 + (COMPILED if compiled else "")
+            if not name.startswith(TORCH_INT4) and on_torch in configs and kernel[name] != kernel[on_torch]:
+                notes.append(f"{kernel[name]} kernel against torch's ({on_torch}): {best[on_torch] / best[name]:.2f}×")
         elif compiled and name.removesuffix(COMPILED) in configs:
             baseline = f"{size} {name.removesuffix(COMPILED)}"
         elif name == "bf16" and "fp32" in configs:
@@ -381,8 +392,9 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
                    "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}
         if compiled:
             metrics["compile (first steps)"] = Metric(round(compile_s[name], 1), "s", None, "{:.1f}")
+        settings = {"size": size, "steps": tokens, **({"kernel": kernel[name]} if kernel[name] else {})}
         bench.add(Record(bench.suite, f"{size} {name}", group="decode", baseline=baseline, notes=notes,
-                         settings={"size": size, "steps": tokens}, metrics=metrics))
+                         settings=settings, metrics=metrics))
     bench.note(f"{size}: copy bandwidth {bandwidth / 1e9:.2f} GB/s (best of the start and each round)")
 
 

@@ -1,0 +1,249 @@
+// W4A16 on x86 CPUs with AVX512-BF16: the int4 matrix-vector product of decoding, and the dequantization of
+// prefill, reading the checkpoint's own layout (no repacking).
+//
+// Layout (nvila.quant.w4a16): qweight (N, K/2) uint8, column 2j of the weight in the low nibble of byte j and
+// column 2j + 1 in the high one; scales and zeros (N, K/group) bf16; w = (q - 8) * scale + zero.
+//
+// Why a kernel of our own: decoding is bound by memory bandwidth, and torch's CPU int4 kernel
+// (_weight_int4pack_mm_for_cpu) converts every nibble to fp32 and multiplies in fp32, which makes it
+// compute-bound well below the memory bandwidth of one core (8.5 of 13.7 GB/s on a Sapphire Rapids core). Here 32 nibbles become 32 exact bf16 values
+// (q - 8) with one table lookup (vpermw), and one vdpbf16ps multiplies and adds them against the activations
+// in fp32: the kernel reads weights near memory speed. Per group, the sum over the group is scaled once, and
+// the zero enters as zero * sum(x over the group).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRowBlock = 4;  // output rows per inner loop: four independent dot-product chains
+#ifndef NVILA_PREFETCH_BYTES
+#define NVILA_PREFETCH_BYTES 4096
+#endif
+
+// While a block of Rows rows is read at byte c of each row, fetch a block at least NVILA_PREFETCH_BYTES ahead at
+// the same pace: its bytes [c * Rows, (c + 32) * Rows). Rows are short (K/2 bytes), so the hardware prefetcher
+// falls behind the block's interleaved rows (measured: 33 -> 19 ms a token for the mid model on one Zen 4 core).
+// Prefetches never fault, past the end included.
+template <int64_t Rows>
+inline void prefetch_ahead(const uint8_t* block, int64_t half, int64_t c) {
+  const int64_t block_bytes = Rows * half;
+  const int64_t blocks = (NVILA_PREFETCH_BYTES + block_bytes - 1) / block_bytes;
+  const uint8_t* ahead = block + blocks * block_bytes + c * Rows;
+  for (int64_t line = 0; line < Rows * 32; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+}
+
+// bf16 bits of q - 8 for q = 0..15, twice (vpermw indexes 32 words with 5 bits; nibbles use 4).
+__m512i centred_nibble_table() {
+  alignas(64) uint16_t table[32];
+  for (int q = 0; q < 32; ++q) table[q] = c10::BFloat16(static_cast<float>((q & 15) - 8)).x;
+  return _mm512_load_si512(table);
+}
+
+// The 64 weights of 32 packed bytes as two vectors of 32 bf16 values: columns 2j (low) and 2j + 1 (high).
+inline void unpack64(const uint8_t* bytes, __m512i table, __m512bh* low, __m512bh* high) {
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  const __m512i lo = _mm512_and_si512(words, _mm512_set1_epi16(15));
+  const __m512i hi = _mm512_srli_epi16(words, 4);
+  *low = (__m512bh)_mm512_permutexvar_epi16(lo, table);
+  *high = (__m512bh)_mm512_permutexvar_epi16(hi, table);
+}
+
+// y for Rows output rows and Ms activation rows. x_even/x_odd hold each activation row's even and odd columns
+// (K/2 bf16 each, rows `half` apart), x_sums its sum per group (fp32, rows `groups` apart). Each weight chunk is
+// unpacked once and used for every activation row.
+template <int64_t Rows, int64_t Ms>
+void dot_block(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BFloat16* zeros,
+               const uint16_t* x_even, const uint16_t* x_odd, const float* x_sums, int64_t k, int64_t group,
+               __m512i table, c10::BFloat16* out, int64_t out_stride) {
+  const int64_t groups = k / group, half = k / 2;
+  __m512 total[Ms][Rows];
+  float zero_part[Ms][Rows];
+  for (int64_t i = 0; i < Ms; ++i)
+    for (int64_t r = 0; r < Rows; ++r) total[i][r] = _mm512_setzero_ps(), zero_part[i][r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[Ms][Rows];
+    for (int64_t i = 0; i < Ms; ++i)
+      for (int64_t r = 0; r < Rows; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t c = g * group / 2; c < (g + 1) * group / 2; c += 32) {  // 32 bytes: 64 weights a row
+      prefetch_ahead<Rows>(qweight, half, c);
+      __m512bh xe[Ms], xo[Ms];
+      for (int64_t i = 0; i < Ms; ++i) {
+        xe[i] = (__m512bh)_mm512_loadu_si512(x_even + i * half + c);
+        xo[i] = (__m512bh)_mm512_loadu_si512(x_odd + i * half + c);
+      }
+      for (int64_t r = 0; r < Rows; ++r) {
+        __m512bh low, high;
+        unpack64(qweight + r * half + c, table, &low, &high);
+        for (int64_t i = 0; i < Ms; ++i) {
+          acc[i][r] = _mm512_dpbf16_ps(acc[i][r], low, xe[i]);
+          acc[i][r] = _mm512_dpbf16_ps(acc[i][r], high, xo[i]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m512 scale = _mm512_set1_ps(static_cast<float>(scales[r * groups + g]));
+      const float zero = static_cast<float>(zeros[r * groups + g]);
+      for (int64_t i = 0; i < Ms; ++i) {
+        total[i][r] = _mm512_fmadd_ps(acc[i][r], scale, total[i][r]);
+        zero_part[i][r] += zero * x_sums[i * groups + g];
+      }
+    }
+  }
+  for (int64_t i = 0; i < Ms; ++i)
+    for (int64_t r = 0; r < Rows; ++r) out[i * out_stride + r] = c10::BFloat16(_mm512_reduce_add_ps(total[i][r]) + zero_part[i][r]);
+}
+
+// y for Rows output rows and one activation row (decoding): as dot_block<Rows, 1>, 20 % faster as written here.
+template <int64_t Rows>
+void dot_one(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BFloat16* zeros,
+             const uint16_t* x_even, const uint16_t* x_odd, const float* x_sums, int64_t k, int64_t group,
+             __m512i table, c10::BFloat16* out) {
+  const int64_t groups = k / group, half = k / 2;
+  __m512 total[Rows];
+  float zero_part[Rows];
+  for (int64_t r = 0; r < Rows; ++r) total[r] = _mm512_setzero_ps(), zero_part[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[Rows];
+    for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = g * group / 2; c < (g + 1) * group / 2; c += 32) {  // 32 bytes: 64 weights a row
+      prefetch_ahead<Rows>(qweight, half, c);
+      const __m512bh xe = (__m512bh)_mm512_loadu_si512(x_even + c);
+      const __m512bh xo = (__m512bh)_mm512_loadu_si512(x_odd + c);
+      for (int64_t r = 0; r < Rows; ++r) {
+        __m512bh low, high;
+        unpack64(qweight + r * half + c, table, &low, &high);
+        acc[r] = _mm512_dpbf16_ps(acc[r], low, xe);
+        acc[r] = _mm512_dpbf16_ps(acc[r], high, xo);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r) {
+      const int64_t at = r * groups + g;
+      total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(static_cast<float>(scales[at])), total[r]);
+      zero_part[r] += static_cast<float>(zeros[at]) * x_sums[g];
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) out[r] = c10::BFloat16(_mm512_reduce_add_ps(total[r]) + zero_part[r]);
+}
+
+// Rows output rows for all m activation rows, Ms at a time.
+template <int64_t Rows>
+void dot_rows(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BFloat16* zeros,
+              const uint16_t* x_even, const uint16_t* x_odd, const float* x_sums, int64_t m, int64_t k,
+              int64_t group, __m512i table, c10::BFloat16* out, int64_t n) {
+  const int64_t half = k / 2, groups = k / group;
+  if (m == 1) {  // decoding
+    dot_one<Rows>(qweight, scales, zeros, x_even, x_odd, x_sums, k, group, table, out);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4)
+    dot_block<Rows, 4>(qweight, scales, zeros, x_even + i * half, x_odd + i * half, x_sums + i * groups, k, group,
+                       table, out + i * n, n);
+  const uint16_t *xe = x_even + i * half, *xo = x_odd + i * half;
+  const float* xs = x_sums + i * groups;
+  switch (m - i) {
+    case 3: dot_block<Rows, 3>(qweight, scales, zeros, xe, xo, xs, k, group, table, out + i * n, n); break;
+    case 2: dot_block<Rows, 2>(qweight, scales, zeros, xe, xo, xs, k, group, table, out + i * n, n); break;
+    case 1: dot_block<Rows, 1>(qweight, scales, zeros, xe, xo, xs, k, group, table, out + i * n, n); break;
+    default: break;
+  }
+}
+
+void check(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be a contiguous (N, K/2) uint8 tensor");
+  TORCH_CHECK(scales.dtype() == at::kBFloat16 && zeros.dtype() == at::kBFloat16 && scales.is_contiguous() &&
+                  zeros.is_contiguous() && scales.sizes() == zeros.sizes() && scales.size(0) == qweight.size(0),
+              "scales and zeros must be contiguous (N, groups) bf16 tensors");
+  const int64_t k = qweight.size(1) * 2;
+  TORCH_CHECK(k % scales.size(1) == 0 && (k / scales.size(1)) % 64 == 0,
+              "the group size must divide K and be a multiple of 64");
+}
+
+}  // namespace
+
+// x (M, K) bf16 times the int4 weight (N, K): (M, N) bf16, accumulated in fp32.
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros) {
+  check(qweight, scales, zeros);
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2, groups = scales.size(1), group = k / groups;
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && x.dim() == 2 && x.size(1) == k, "x must be (M, K) bf16");
+  const int64_t m = x.size(0), half = k / 2;
+  // The activations as even and odd columns (the weights' low and high nibbles) and their sums per group.
+  const at::Tensor xc = x.contiguous();
+  std::vector<uint16_t> even(m * half), odd(m * half);
+  std::vector<float> sums(m * groups, 0.f);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < half; ++j) {
+      even[i * half + j] = xs[i * k + 2 * j], odd[i * half + j] = xs[i * k + 2 * j + 1];
+      sums[i * groups + (2 * j) / group] += static_cast<float>(c10::BFloat16(xs[i * k + 2 * j], c10::BFloat16::from_bits())) +
+                                            static_cast<float>(c10::BFloat16(xs[i * k + 2 * j + 1], c10::BFloat16::from_bits()));
+    }
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const __m512i table = centred_nibble_table();
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = b * kRowBlock;
+      if (row + kRowBlock <= n) {
+        dot_rows<kRowBlock>(w + row * half, s + row * groups, z + row * groups, even.data(), odd.data(), sums.data(),
+                            m, k, group, table, y + row, n);
+      } else {
+        for (int64_t r = row; r < n; ++r)
+          dot_rows<1>(w + r * half, s + r * groups, z + r * groups, even.data(), odd.data(), sums.data(), m, k, group,
+                      table, y + r, n);
+      }
+    }
+  });
+  return out;
+}
+
+// The int4 weight as a dense (N, K) bf16 matrix, each value computed in fp32 and rounded once.
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
+  check(qweight, scales, zeros);
+  const int64_t n = qweight.size(0), half = qweight.size(1), k = half * 2, groups = scales.size(1), group = k / groups;
+  at::Tensor out = at::empty({n, k}, scales.options());
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = s[r * groups + g], base = static_cast<float>(z[r * groups + g]) - 8.f * scale;
+        const uint8_t* bytes = w + r * half + g * group / 2;
+        c10::BFloat16* row = y + r * k + g * group;
+        for (int64_t j = 0; j < group / 2; ++j) {
+          row[2 * j] = c10::BFloat16(base + scale * static_cast<float>(bytes[j] & 15));
+          row[2 * j + 1] = c10::BFloat16(base + scale * static_cast<float>(bytes[j] >> 4));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(nvila_int4, m) {
+  m.def("matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nvila_int4, CPU, m) {
+  m.impl("matmul", &int4_matmul);
+  m.impl("dequantize", &int4_dequantize);
+}
