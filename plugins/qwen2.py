@@ -16,6 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import LanguageModel
+from nvila.plugins import attention
 from nvila.plugins.configs import Qwen2LMConfig
 
 TINY_TOKENIZER = str(files("nvila.plugins") / "assets" / "tiny-tokenizer")
@@ -27,10 +28,11 @@ class Qwen2LM(LanguageModel):
     def __init__(self, config: Qwen2LMConfig) -> None:
         super().__init__()
         self.config = config
+        implementation = attention.register() if config.attn_implementation == "sdpa" else config.attn_implementation
         if config.checkpoint:
             try:
                 self.model = Qwen2ForCausalLM.from_pretrained(
-                    config.checkpoint, attn_implementation=config.attn_implementation, local_files_only=True)
+                    config.checkpoint, attn_implementation=implementation, local_files_only=True)
             except OSError as exc:
                 raise NvilaError(f"Cannot load Qwen2 weights from '{config.checkpoint}': {exc}. Point "
                                  "`checkpoint` at a local directory with config.json and *.safetensors.") from None
@@ -42,7 +44,7 @@ class Qwen2LM(LanguageModel):
                 max_position_embeddings=config.max_position_embeddings,
                 tie_word_embeddings=config.tie_word_embeddings, rope_theta=config.rope_theta,
                 rms_norm_eps=config.rms_norm_eps)
-            hf._attn_implementation = config.attn_implementation
+            hf._attn_implementation = implementation
             self.model = Qwen2ForCausalLM(hf)
         self.hidden_size = self.model.config.hidden_size
 

@@ -1,0 +1,70 @@
+"""Decoding attention: single-token queries on CPUs as two matmuls, equal to SDPA and to transformers' eager."""
+
+import pytest
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from nvila.plugins import attention
+from nvila.plugins.configs import Qwen2LMConfig
+from nvila.plugins.qwen2 import Qwen2LM
+
+
+def qkv(dtype, batch=2, heads=6, kv_heads=2, length=37, dim=16):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_a_single_query_equals_sdpa_with_grouped_heads_and_padding(dtype, mask):
+    q, k, v = qkv(dtype)
+    keep = torch.ones(2, 1, 1, k.shape[2], dtype=torch.bool)
+    keep[1, ..., :9] = False  # the second sequence is left-padded by 9
+    given = {"none": None, "bool": keep,
+             "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask]
+    out = attention.single_query_attention(q, k, v, given, scaling=0.25)  # (B, 1, H, D)
+    expected = scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=None if mask == "none" else keep,
+                                            scale=0.25, enable_gqa=True)  # (B, H, 1, D)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2), atol=tolerance, rtol=tolerance)
+
+
+def language_model(implementation):
+    torch.manual_seed(0)
+    return Qwen2LM(Qwen2LMConfig(attn_implementation=implementation)).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_decoding_over_a_long_padded_cache_equals_transformers_eager_attention(compiled):
+    ours, eager = language_model("sdpa"), language_model("eager")
+    assert ours.model.config._attn_implementation == attention.NAME
+    length = attention.MATMUL_FROM + 12  # past the length from which eager decoding takes the matmul path
+    embeds = torch.randn(2, length, ours.hidden_size)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.compile(ours.forward_with_cache, dynamic=True, fullgraph=True) if compiled else ours.forward_with_cache
+    results = []
+    for model, run in ((ours, step), (eager, eager.forward_with_cache)):
+        _, cache = model.forward_with_cache(embeds, mask, positions)
+        logits = []
+        for i in range(3):
+            token = torch.randn(2, 1, ours.hidden_size, generator=torch.Generator().manual_seed(i))
+            mask = torch.cat([mask[:, :length + i], torch.ones(2, 1, dtype=torch.long)], 1)
+            out, cache = run(token, mask, positions[:, -1:] + i + 1, cache)
+            logits.append(out)
+        results.append(torch.cat(logits, 1))
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_prefill_runs_transformers_own_sdpa_unchanged():
+    ours = language_model("sdpa")
+    embeds = torch.randn(2, attention.MATMUL_FROM + 4, ours.hidden_size)
+    before = ours(embeds)
+    ours.model.config._attn_implementation = "sdpa"  # transformers' SDPA function itself
+    assert torch.equal(before, ours(embeds))
