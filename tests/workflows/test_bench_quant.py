@@ -56,8 +56,11 @@ def test_time_to_first_token_compares_every_configuration(limits):
 def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     bench = run_of("quant-decode")
     bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
-                        configs=("fp32", "bf16", "w4a16", "w4a16-torch"))
+                        configs=("fp32", "bf16", "w4a16", "w4a16-torch"), contexts=(bq.TEXT, (96, 64)))
     found = records(bench)
+    after_image = found["demo 96x64 w4a16"]
+    assert after_image.baseline in ("demo 96x64 fp32", "demo 96x64 bf16") and after_image.value("decode") > 0
+    assert after_image.settings["context tokens"] > found["demo w4a16"].settings["context tokens"]
     w4a16, torch_int4 = found["demo w4a16"], found["demo w4a16-torch"]
     assert w4a16.value("decode") > 0 and w4a16.baseline in ("demo fp32", "demo bf16")
     assert any(n.startswith("target: weight bytes, % of bf16 ≤ 30 %") for n in w4a16.notes)
@@ -72,7 +75,7 @@ def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
 def test_compiled_decode_rows_compare_with_compiled_baselines_and_report_compile_time(limits):
     bench = run_of("quant-decode")
     bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
-                        configs=("bf16", "bf16 compiled", "w4a16 compiled"))
+                        configs=("bf16", "bf16 compiled", "w4a16 compiled"), contexts=(bq.TEXT,))
     found = records(bench)
     w4a16 = found["demo w4a16 compiled"]
     assert w4a16.baseline == "demo bf16 compiled" and w4a16.value("compile (first steps)") > 0

@@ -313,7 +313,9 @@ DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH
 COMPILED = " compiled"
 """The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_SUMMARY = (
-    "Decode tokens/s (`Engine.step`, 16 steps after a short text prompt) per configuration: fp32, bf16 and a W4A16 "
+    "Decode tokens/s (`Engine.step`, 16 steps) after each context (a short text prompt; the 896x896 and the "
+    "1920x1080 image with a short question, whose visual tokens make attention over the cache count) per "
+    "configuration: fp32, bf16 and a W4A16 "
     "language model (round to nearest; the rest fp32) on the int4 kernel `kernel: auto` picks (its name under "
     "*kernel*) and on torch's (`w4a16-torch`), eager and with the step compiled (`compiled`: "
     "`Engine(compile_decode=True)`, `nvila generate --compile`; its compile time is that of the first steps). LLM "
@@ -323,26 +325,41 @@ DECODE_SUMMARY = (
     "of bf16's weight bytes, >= 50 % of the bandwidth.")
 
 
+TEXT = "text"
+"""The decoding context of a short text prompt, beside the images of :data:`IMAGES`."""
+
+
+def decode_name(size: str, context: str | tuple[int, int], config: str) -> str:
+    return f"{size} {config}" if context == TEXT else f"{size} {context[0]}x{context[1]} {config}"
+
+
 @torch.no_grad()
 def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens: int = 16, repeats: int = 3,
-                     limits: Limits | None = None, configs: Sequence[str] = DECODE_CONFIGS) -> None:
-    names = [f"{s} {c}" for s in sizes for c in configs]
+                     limits: Limits | None = None, configs: Sequence[str] = DECODE_CONFIGS,
+                     contexts: Sequence[str | tuple[int, int]] = (TEXT, *IMAGES)) -> None:
+    names = [decode_name(s, x, c) for s in sizes for x in contexts for c in configs]
     selected, limits = start_timed_suite(bench, names, sizes, limits)
     for size, kept in selected.items():
-        if kept:
-            decode(bench, size, [n.split(" ", 1)[1] for n in kept], tokens, repeats, limits)
+        runs = [(x, c) for x in contexts for c in configs if decode_name(size, x, c) in kept]
+        if runs:
+            decode(bench, size, runs, tokens, repeats, limits)
             gc.collect()
     bench.order(names)
 
 
-def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repeats: int, limits: Limits) -> None:
-    """Decode tokens/s after a short text prompt, and the language model's weight bytes, per configuration."""
+def decode(bench: BenchRun, size: str, runs: Sequence[tuple[str | tuple[int, int], str]], tokens: int, repeats: int,
+           limits: Limits) -> None:
+    """Decode tokens/s after each context (a short text prompt, an image prompt), and the language model's weight
+    bytes, per configuration. Each model runs each prompt once, untimed; every round decodes from a copy of that
+    state, so long image prompts are not prefilled again per round and engine."""
     device = bench.device
+    configs = list(dict.fromkeys(c for _, c in runs))
+    contexts = list(dict.fromkeys(x for x, _ in runs))
     base = build(size)
     models = variants(base, sorted({c.removesuffix(COMPILED) for c in configs}), device)  # compiled or not, one model
     del base
     gc.collect()
-    prompt = ChatRequest([{"role": "user", "content": "Describe a picture of a red square on a blue field."}])
+    text = ChatRequest([{"role": "user", "content": "Describe a picture of a red square on a blue field."}])
     weight, engines, compile_s, kernel = {}, {}, {}, {}
     for name in configs:
         model = models[name.removesuffix(COMPILED)]
@@ -352,27 +369,36 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
             engines[name].warm_up()  # packs quantized layers; compiles a compiled step
         compile_s[name] = watch.seconds
         kernel[name] = next((m._running for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)), None)
-    best = {name: math.inf for name in configs}
+    prefilled, context_tokens = {}, {}
+    for context in contexts:
+        prompt = text if context == TEXT else request(*context)
+        for model_name in {c.removesuffix(COMPILED) for c in configs}:
+            engine = Engine(models[model_name])
+            inputs = engine.inputs([prompt])
+            prefilled[context, model_name] = engine.prefill(inputs)
+            context_tokens[context] = int(inputs["input_ids"].shape[1])
+    best = {run: math.inf for run in runs}
     bandwidth = limits.bandwidth
     for _ in range(repeats):
         bandwidth = max(bandwidth, _copy_bandwidth(128 * 1024 * 1024, 1, device))  # under the same load
-        for name, engine in engines.items():
-            state = engine.prefill(engine.inputs([prompt]))
+        for context, name in runs:
+            engine, state = engines[name], copy.deepcopy(prefilled[context, name.removesuffix(COMPILED)])
             with Stopwatch(device) as watch:
                 for _ in range(tokens):
                     state = engine.step(state, state.logits.argmax(-1))
-            best[name] = min(best[name], watch.seconds / tokens)
-    for name in configs:
-        per_s = 1 / best[name]
+            best[context, name] = min(best[context, name], watch.seconds / tokens)
+    for context, name in runs:
+        per_s = 1 / best[context, name]
         share = 100 * weight[name] * per_s / bandwidth
         notes, baseline = [], None
         compiled = name.endswith(COMPILED)
+        here = [c for x, c in runs if x == context]
         if name.startswith("w4a16"):
-            same_way = [n for n in configs if not n.startswith("w4a16") and n.endswith(COMPILED) == compiled]
-            fastest = min(same_way, key=lambda n: best[n]) if same_way else None
+            same_way = [n for n in here if not n.startswith("w4a16") and n.endswith(COMPILED) == compiled]
+            fastest = min(same_way, key=lambda n: best[context, n]) if same_way else None
             if fastest:
-                baseline = f"{size} {fastest}"
-                ratio = best[fastest] / best[name]
+                baseline = decode_name(size, context, fastest)
+                ratio = best[context, fastest] / best[context, name]
                 notes.append(target_note(f"decode against the fastest unquantized ({fastest})", ratio, 2, "×",
                                          ratio >= 2))
             bf16 = "bf16 compiled" if compiled and "bf16 compiled" in weight else "bf16"
@@ -381,20 +407,23 @@ def decode(bench: BenchRun, size: str, configs: Sequence[str], tokens: int, repe
                 notes.append(target_note("weight bytes, % of bf16", part, -30, " %", part <= 30))
             notes.append(target_note("bandwidth share", share, 50, " %", share >= 50))
             on_torch = TORCH_INT4 + (COMPILED if compiled else "")
-            if not name.startswith(TORCH_INT4) and on_torch in configs and kernel[name] != kernel[on_torch]:
-                notes.append(f"{kernel[name]} kernel against torch's ({on_torch}): {best[on_torch] / best[name]:.2f}×")
-        elif compiled and name.removesuffix(COMPILED) in configs:
-            baseline = f"{size} {name.removesuffix(COMPILED)}"
-        elif name == "bf16" and "fp32" in configs:
-            baseline = f"{size} fp32"
+            if not name.startswith(TORCH_INT4) and on_torch in here and kernel[name] != kernel[on_torch]:
+                ratio = best[context, on_torch] / best[context, name]
+                notes.append(f"{kernel[name]} kernel against torch's ({on_torch}): {ratio:.2f}×")
+        elif compiled and name.removesuffix(COMPILED) in here:
+            baseline = decode_name(size, context, name.removesuffix(COMPILED))
+        elif name == "bf16" and "fp32" in here:
+            baseline = decode_name(size, context, "fp32")
         metrics = {"decode": Metric(round(per_s, 2), "tokens/s", "higher", "{:.3g}"),
                    "LLM weight bytes": Metric(round(weight[name] / 1e6, 2), "MB", "lower", "{:,.4g}"),
                    "share of the copy bandwidth": Metric(round(share, 1), "%", format="{:.1f}")}
         if compiled:
             metrics["compile (first steps)"] = Metric(round(compile_s[name], 1), "s", None, "{:.1f}")
-        settings = {"size": size, "steps": tokens, **({"kernel": kernel[name]} if kernel[name] else {})}
-        bench.add(Record(bench.suite, f"{size} {name}", group="decode", baseline=baseline, notes=notes,
-                         settings=settings, metrics=metrics))
+        settings = {"size": size, "context": context if context == TEXT else f"{context[0]}x{context[1]} image",
+                    "context tokens": context_tokens[context], "steps": tokens,
+                    **({"kernel": kernel[name]} if kernel[name] else {})}
+        bench.add(Record(bench.suite, decode_name(size, context, name), group="decode", baseline=baseline,
+                         notes=notes, settings=settings, metrics=metrics))
     bench.note(f"{size}: copy bandwidth {bandwidth / 1e9:.2f} GB/s (best of the start and each round)")
 
 
