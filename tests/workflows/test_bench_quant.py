@@ -143,3 +143,5 @@ def test_an_only_filter_that_matches_nothing_is_refused(capsys):
 def test_a_value_just_short_of_its_target_shows_the_digits_that_tell_them_apart():
     assert bq.target_note("bandwidth share", 49.96, 50, " %", False).endswith("MISSED (49.96 %)")
     assert bq.target_note("decode", 2.4412, 2, "×", True).endswith("met (2.44×)")
+    third = bq.target_note("visual tokens", 0.198, -1 / 3, "", True, shown="1/3")
+    assert third == "target: visual tokens ≤ 1/3: met (0.198)"

@@ -141,14 +141,15 @@ def llm_bytes(model: NvilaModel) -> int:
     return total
 
 
-def target_note(what: str, value: float, target: float, unit: str, met: bool) -> str:
+def target_note(what: str, value: float, target: float, unit: str, met: bool, shown: str | None = None) -> str:
     """A target of the issue and whether this row meets it, as a report note (the value with as many digits as
-    it takes to tell it from the target: 49.96 %, not 50 %, for a missed 50 %)."""
+    it takes to tell it from the target: 49.96 %, not 50 %, for a missed 50 %); ``shown`` writes the target as the
+    issue does (``1/3`` rather than 0.333333)."""
     digits = 3
     while float(f"{value:.{digits}g}") == abs(target) and value != abs(target) and digits < 8:
         digits += 1
-    return f"target: {what} {'≥' if target > 0 else '≤'} {abs(target):g}{unit}: {'met' if met else 'MISSED'} " \
-           f"({value:.{digits}g}{unit})"
+    return f"target: {what} {'≥' if target > 0 else '≤'} {shown or f'{abs(target):g}'}{unit}: " \
+           f"{'met' if met else 'MISSED'} ({value:.{digits}g}{unit})"
 
 
 def sizes_of(bench: BenchRun, names: Sequence[str], sizes: Sequence[str]) -> dict[str, list[str]]:
@@ -530,7 +531,7 @@ def peer(bench: BenchRun, size: str, width: int, height: int, tokens: int, repea
             for _ in range(tokens):
                 state = engine.step(state, state.logits.argmax(-1))
         notes = [target_note("visual tokens, share of the peer's", visual / peer_visual, -1 / 3, "",
-                             visual <= peer_visual / 3),
+                             visual <= peer_visual / 3, shown="1/3"),
                  target_note("time to first token against the peer", peer_ttft / ttft, 1.6, "×",
                              peer_ttft / ttft >= 1.6)]
         bench.add(Record(bench.suite, ttft_name(size, width, height, f"nvila {name}"), settings=settings,
