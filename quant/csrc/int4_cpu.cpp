@@ -158,6 +158,8 @@ void dot_rows(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BF
   }
 }
 
+inline float bf16_value(uint16_t bits) { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
+
 void check(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
   TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "qweight must be a contiguous (N, K/2) uint8 tensor");
@@ -185,9 +187,9 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < half; ++j) {
-      even[i * half + j] = xs[i * k + 2 * j], odd[i * half + j] = xs[i * k + 2 * j + 1];
-      sums[i * groups + (2 * j) / group] += static_cast<float>(c10::BFloat16(xs[i * k + 2 * j], c10::BFloat16::from_bits())) +
-                                            static_cast<float>(c10::BFloat16(xs[i * k + 2 * j + 1], c10::BFloat16::from_bits()));
+      const uint16_t first = xs[i * k + 2 * j], second = xs[i * k + 2 * j + 1];
+      even[i * half + j] = first, odd[i * half + j] = second;
+      sums[i * groups + 2 * j / group] += bf16_value(first) + bf16_value(second);
     }
   }
   at::Tensor out = at::empty({m, n}, x.options());

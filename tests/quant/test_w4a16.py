@@ -205,6 +205,15 @@ def test_auto_picks_nvilas_kernel_only_where_the_cpu_runs_avx512_bf16(monkeypatc
         W4A16(W4A16Config(kernel="avx512_bf16")).check_available(device)
 
 
+def test_without_a_cpp_compiler_auto_takes_torchs_kernel_and_a_request_for_nvilas_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert pick_kernel("auto", torch.device("cpu")) == "cpu"
+    with pytest.raises(NvilaError, match="'no-such-compiler' is not on PATH.*install g\\+\\+.*kernel 'cpu'"):
+        W4A16(W4A16Config(kernel="avx512_bf16")).check_available(torch.device("cpu"))
+
+
 def test_nvilas_kernel_refuses_groups_of_32_naming_torchs_kernel():
     with pytest.raises(NvilaError, match="groups of 64 or 128, not 32.*kernel 'cpu'"):
         W4A16(W4A16Config(kernel="avx512_bf16", group_size=32)).check_available(torch.device("cpu"))

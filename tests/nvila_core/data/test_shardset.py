@@ -114,13 +114,13 @@ def test_a_finished_set_is_replaced_only_with_overwrite_and_kept_when_synth_sett
 
 
 # -- a real `nvila data synth`, killed mid-write ----------------------------------------------------------------
-SYNTH = ["--train", "2500", "--val", "8", "--image-size", "16"]
+SYNTH = ["--train", "4500", "--val", "8", "--image-size", "16"]  # shards of 1000: a wide window to kill it in
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    write_dataset(root, train=2500, val=8, seed=0, image_size=16)
+    write_dataset(root, train=4500, val=8, seed=0, image_size=16)
     return root
 
 
