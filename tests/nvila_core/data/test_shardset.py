@@ -114,21 +114,28 @@ def test_a_finished_set_is_replaced_only_with_overwrite_and_kept_when_synth_sett
 
 
 # -- a real `nvila data synth`, killed mid-write ----------------------------------------------------------------
-SYNTH = ["--train", "4500", "--val", "8", "--image-size", "16"]  # shards of 1000: a wide window to kill it in
+SYNTH = ["--train", "2500", "--val", "8", "--image-size", "16"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    write_dataset(root, train=4500, val=8, seed=0, image_size=16)
+    write_dataset(root, train=2500, val=8, seed=0, image_size=16)
     return root
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a test run started as a background job (`cmd &` in a script) ignores
+    SIGINT, and its children would inherit that and never see the interrupt this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill_mid_write(out: Path, sig: int) -> str:
     """Start `nvila data synth`, and once its first shard is finished and the second is being written, send sig;
     returns what the command wrote to stderr."""
     process = subprocess.Popen([sys.executable, "-m", "nvila.workflows", "data", "synth", "--out", str(out), *SYNTH],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not (out / "train" / "shard-000000.tar").exists():
