@@ -68,3 +68,13 @@ def test_prefill_runs_transformers_own_sdpa_unchanged():
     before = ours(embeds)
     ours.model.config._attn_implementation = "sdpa"  # transformers' SDPA function itself
     assert torch.equal(before, ours(embeds))
+
+
+@torch.no_grad()
+def test_a_checkpoint_loads_with_it_too(tmp_path):
+    built = language_model("sdpa")
+    built.model.save_pretrained(tmp_path)
+    loaded = Qwen2LM(Qwen2LMConfig(checkpoint=str(tmp_path))).eval()  # transformers' from_pretrained takes the name
+    assert loaded.model.config._attn_implementation == attention.NAME
+    embeds = torch.randn(1, 5, built.hidden_size)
+    assert torch.equal(built(embeds), loaded(embeds))
