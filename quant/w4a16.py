@@ -8,7 +8,7 @@ shards; see ``nvila.quant.awq``) or from plain round-to-nearest (``method: rtn``
 Values follow tinygemm's convention, ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. The checkpoint holds
 them as plain tensors (two values a byte); the layer packs them for its device's kernel on first use
 (API notes, section 3): on CPUs with AVX512-BF16, nvila's own kernel reads the plain layout as it is
-(``nvila.quant.int4_cpu``, about twice torch's speed at decoding); on other CPUs, torchao's ``Int4OpaqueTensor``
+(``nvila.quant.int4_cpu``, about 1.4x torch's speed at decoding); on other CPUs, torchao's ``Int4OpaqueTensor``
 (``PrototypeInt4WeightOnlyConfig``'s layout); the tile-packed tinygemm layout on CUDA GPUs of compute
 capability 8.0 or higher. ``kernel: reference`` dequantizes at every call instead: slow, but it runs on any device.
 """
@@ -26,6 +26,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant import int4_cpu
 from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
@@ -51,8 +52,6 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
                              "(slow, any device), or serve on a CPU or a CUDA GPU.")
         kernel = device.type
         if kernel == "cpu" and dtype == torch.bfloat16 and group_size % 64 == 0:
-            from nvila.quant import int4_cpu
-
             kernel = "avx512_bf16" if int4_cpu.available() else "cpu"
     if kernel == "avx512_bf16":
         if device.type != "cpu":
@@ -60,8 +59,6 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
         if group_size % 64:
             raise NvilaError(f"W4A16 kernel 'avx512_bf16' takes groups of 64 or 128, not {group_size}; use kernel "
                              "'cpu' (torch's int4 kernel) for groups of 32.")
-        from nvila.quant import int4_cpu
-
         int4_cpu.load()  # NvilaError naming what the machine lacks, and kernel 'cpu'
     if kernel == "cpu" and device.type != "cpu":
         raise NvilaError(f"W4A16 kernel 'cpu' runs on CPUs, not on {device}; use kernel 'auto'.")
@@ -364,8 +361,6 @@ class Int4WeightOnlyLinear(PackedLinear):
         if self._running == "reference":
             return dequantize_nibbles(**packed)
         if self._running == "avx512_bf16":
-            from nvila.quant import int4_cpu
-
             return int4_cpu.dequantize(**packed)
         if self._running == "cpu":
             return self.dense_weight(packed)
@@ -384,27 +379,20 @@ class Int4WeightOnlyLinear(PackedLinear):
         """``x`` (..., K) in the activations' dtype times the weight, plus ``bias``: (..., N); no autograd graph."""
         dense_rows = DENSE_ROWS.get(self._running, 0) if self.dense_rows is None else self.dense_rows
         long = dense_rows and x.numel() // x.shape[-1] >= dense_rows  # prefill-sized: one dense matmul
-        if self._running == "reference":
-            weight = dequantize_nibbles(**packed).to(x.dtype)
-        elif self._running == "avx512_bf16":
-            from nvila.quant import int4_cpu
-
-            if long:
-                weight = int4_cpu.dequantize(**packed)  # (N, K) bf16
+        if self._running == "cuda":
+            weight = packed  # torchao's tensor subclass runs tinygemm
+        elif self._running == "reference" or long:
+            weight = self.dequantized(packed).to(x.dtype)  # (N, K)
+        else:  # decoding on a CPU: the kernel itself (torch's without its tensor subclass's dispatch)
+            rows = x.reshape(-1, self.in_features)
+            if self._running == "avx512_bf16":
+                y = int4_cpu.matmul(rows, **packed)  # (M, N)
             else:
-                y = int4_cpu.matmul(x.reshape(-1, self.in_features), **packed)  # (M, N)
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y + bias.to(y.dtype) if bias is not None else y
-        elif self._running == "cpu" and long:
-            weight = self.dense_weight(packed)  # (N, K): prefill-sized calls run one dense bf16 matmul
-        elif self._running == "cpu":  # decoding: the kernel itself, without the tensor subclass's dispatch
-            from nvila.quant._torchao import int4_cpu_mm
+                from nvila.quant._torchao import int4_cpu_mm
 
-            y = int4_cpu_mm(x.reshape(-1, self.in_features), packed)[:, :self.out_features]  # (M, N)
+                y = int4_cpu_mm(rows, packed)[:, :self.out_features]  # (M, N)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y + bias.to(y.dtype) if bias is not None else y
-        else:
-            weight = packed
         return nn.functional.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
 
 
