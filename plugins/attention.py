@@ -1,4 +1,4 @@
-"""SDPA for transformers language models, with decoding steps on CPUs run as two small matmuls.
+"""SDPA for transformers language models, with decoding steps on CPUs run by nvila's own kernel.
 
 A decoding step asks attention for one query per sequence against the whole cache. On CPUs torch's SDPA sends
 that to its flash kernel, which is made for long query blocks: with one query it runs at about 1 GFLOP/s, 1.6 ms a
@@ -7,13 +7,17 @@ layer against a 1,000-token cache on one Zen 4 core, where ``softmax(q k^T) v`` 
 this decides decoding speed. Everything else (prefill, training, GPUs) goes to transformers' own SDPA function
 unchanged.
 
-The matmul path computes what transformers' ``eager`` attention computes: scores in fp32, softmax in fp32,
-probabilities cast back to the values' dtype. Registered as ``nvila_sdpa`` in transformers' attention and mask
-interfaces (the mask is SDPA's); ``Qwen2LMConfig(attn_implementation="sdpa")`` runs it.
+On CPUs with AVX-512, one call of ``csrc/decode_attention.cpp`` does the whole step per layer, reading each key and
+value row once for all the heads that share it; as torch ops (the path elsewhere) the two matmuls alone cost about
+30 us each in fixed costs at a short cache, 48 of them a step for a 24-layer model. Both paths compute what
+transformers' ``eager`` attention computes, scores and softmax in fp32 (the kernel rounds only its output).
+Registered as ``nvila_sdpa`` in transformers' attention and mask interfaces (the mask is SDPA's);
+``Qwen2LMConfig(attn_implementation="sdpa")`` runs it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,17 +25,50 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from nvila.core.native import NativeOps
+
 NAME = "nvila_sdpa"
 MATMUL_FROM = 48
-"""Cache length from which eager decoding takes the matmul path (torch's flash kernel is faster below it, by
-overhead alone); a compiled step always takes it, as inductor fuses it."""
+"""Cache length from which eager decoding takes the matmul path where the kernel cannot run (torch's flash kernel
+is faster below it, by overhead alone); a compiled step always takes it, as inductor fuses it."""
+KERNEL_HEAD_WIDTHS = (32, 64, 128, 256)
+"""Head widths the kernel is built for (released Qwen2 sizes have 64 or 128; the tests' tiny models 32)."""
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("nvila_attention::decode")
+    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None,
+          scaling: float) -> torch.Tensor:
+        return query.new_empty(query.shape)
+
+
+KERNEL = NativeOps("nvila_attention_cpu", Path(__file__).parent / "csrc" / "decode_attention.cpp",
+                   "nvila's AVX-512 decoding attention kernel", "Decoding attention runs as torch matmuls instead.",
+                   fakes=_register_fake)
+
+
+@torch.compiler.assume_constant_result
+def kernel_runs() -> bool:
+    """Whether decoding attention runs nvila's kernel on this machine (building it the first time)."""
+    return KERNEL.available()
 
 
 def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """One query per sequence: ``query`` (B, H, 1, D), ``key``/``value`` (B, KVH, L, D), a boolean (True: attend)
-    or additive mask broadcastable to (B, 1, 1, L) -> (B, 1, H, D), as transformers' attention functions return."""
+    or additive mask broadcastable to (B, 1, 1, L) -> (B, 1, H, D), as transformers' attention functions return.
+
+    nvila's kernel runs it where it can (AVX-512, fp32 or bf16, the kernel's head widths, a boolean mask or none);
+    two torch matmuls elsewhere."""
     batch, heads, _, dim = query.shape
+    if (kernel_runs() and query.dtype in (torch.float32, torch.bfloat16) and key.dtype == value.dtype == query.dtype
+            and dim in KERNEL_HEAD_WIDTHS and key.stride(-1) == 1 and key.stride() == value.stride()
+            and (attention_mask is None or attention_mask.dtype == torch.bool)):
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask.reshape(attention_mask.shape[0], attention_mask.shape[-1]).expand(batch, -1)
+        out = torch.ops.nvila_attention.decode(query.reshape(batch, heads, dim), key, value, keep, scaling)
+        return out.reshape(batch, 1, heads, dim)
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D): the heads sharing a KV head
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # (B, KVH, G, L)
@@ -49,7 +86,7 @@ def nvila_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """transformers' SDPA attention function, but single-token queries on CPUs run as two matmuls."""
     plain = dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if (query.shape[2] == 1 and query.device.type == "cpu" and plain and query.shape[1] % key.shape[1] == 0
-            and (torch.compiler.is_compiling() or key.shape[2] >= MATMUL_FROM)):
+            and (torch.compiler.is_compiling() or kernel_runs() or key.shape[2] >= MATMUL_FROM)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return single_query_attention(query, key, value, attention_mask, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

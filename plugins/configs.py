@@ -41,8 +41,9 @@ class Qwen2LMConfig:
     """Embedding rows of a random-initialised model, at least the tokenizer's size (None: exactly that). Presets
     of released models set the real size (Qwen2-7B: 152,064; Qwen2-1.5B: 151,936), so cost plans are real."""
     attn_implementation: str = "sdpa"
-    """Attention kernel: 'sdpa' (default, any device; decoding steps on CPUs run as two matmuls, far faster than
-    torch's SDPA kernel there: ``nvila.plugins.attention``), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
+    """Attention kernel: 'sdpa' (default, any device; decoding steps on CPUs run nvila's kernel, or two matmuls
+    without AVX-512, far faster than torch's SDPA kernel there: ``nvila.plugins.attention``), 'eager', or
+    'flash_attention_2' (GPU, flash-attn)."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding (Qwen2 and Qwen2.5 releases: 1,000,000)."""
     rms_norm_eps: float = 1e-6

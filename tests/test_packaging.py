@@ -88,6 +88,7 @@ def test_wheel_has_nothing_generic_at_the_top_level(wheel: Path) -> None:
     assert "nvila/workflows/recipes/demo.yaml" in names
     assert "nvila/plugins/assets/tiny-tokenizer/tokenizer.json" in names
     assert "nvila/quant/csrc/int4_cpu.cpp" in names  # nvila.quant.int4_cpu builds it where it is installed
+    assert "nvila/plugins/csrc/decode_attention.cpp" in names  # and nvila.plugins.attention this one
 
 
 def test_installed_wheel_is_not_shadowed_by_a_users_folders(wheel: Path, tmp_path: Path) -> None:

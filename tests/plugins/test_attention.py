@@ -1,4 +1,5 @@
-"""Decoding attention: single-token queries on CPUs as two matmuls, equal to SDPA and to transformers' eager."""
+"""Decoding attention: single-token queries on CPUs by nvila's kernel or two matmuls, equal to SDPA and to
+transformers' eager."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from nvila.plugins.configs import Qwen2LMConfig
 from nvila.plugins.qwen2 import Qwen2LM
 
 
-def qkv(dtype, batch=2, heads=6, kv_heads=2, length=37, dim=16):
+def qkv(dtype, batch=2, heads=6, kv_heads=2, length=37, dim=16):  # dim 16: the matmul path; the kernel's: 32+
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
     k = torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype)
@@ -19,8 +20,9 @@ def qkv(dtype, batch=2, heads=6, kv_heads=2, length=37, dim=16):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask", ["none", "bool", "additive"])
-def test_a_single_query_equals_sdpa_with_grouped_heads_and_padding(dtype, mask):
-    q, k, v = qkv(dtype)
+@pytest.mark.parametrize("dim", [16, 64])  # the matmul path; the kernel's where it runs (not for additive masks)
+def test_a_single_query_equals_sdpa_with_grouped_heads_and_padding(dtype, mask, dim):
+    q, k, v = qkv(dtype, dim=dim)
     keep = torch.ones(2, 1, 1, k.shape[2], dtype=torch.bool)
     keep[1, ..., :9] = False  # the second sequence is left-padded by 9
     given = {"none": None, "bool": keep,
@@ -30,6 +32,59 @@ def test_a_single_query_equals_sdpa_with_grouped_heads_and_padding(dtype, mask):
                                             scale=0.25, enable_gqa=True)  # (B, H, 1, D)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.transpose(1, 2), atol=tolerance, rtol=tolerance)
+
+
+KERNEL = pytest.mark.skipif(attention.KERNEL.missing() is not None,
+                            reason=f"nvila's attention kernel: {attention.KERNEL.missing()}")
+
+
+@KERNEL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", attention.KERNEL_HEAD_WIDTHS)
+@pytest.mark.parametrize("length", [1, 16, 17, 300])
+def test_the_kernel_equals_sdpa_in_fp64_for_every_head_width_and_block_of_heads(dtype, dim, length):
+    g = torch.Generator().manual_seed(dim + length)
+    batch, heads, kv_heads = 2, 14, 2  # 7 heads a KV head: a full block of heads and a shorter one
+    q = torch.randn(batch, heads, dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype) * 2
+    v = torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype)
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    keep[1, :length // 2] = False  # the second sequence left-padded
+    for mask in (None, keep):
+        out = torch.ops.nvila_attention.decode(q, k, v, mask, dim ** -0.5)
+        expected = scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double(), enable_gqa=True,
+                                                attn_mask=None if mask is None else mask[:, None, None])[:, :, 0]
+        assert out.dtype == dtype
+        tolerance = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the output
+        torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@KERNEL
+def test_the_kernel_reads_a_cache_through_its_strides_and_refuses_what_it_cannot_read():
+    q, k, v = qkv(torch.bfloat16, dim=64)
+    wide_k, wide_v = torch.zeros(2, 2, 50, 64, dtype=torch.bfloat16), torch.zeros(2, 2, 50, 64, dtype=torch.bfloat16)
+    wide_k[:, :, :k.shape[2]], wide_v[:, :, :k.shape[2]] = k, v  # a preallocated cache, partly filled
+    sliced = torch.ops.nvila_attention.decode(q[:, :, 0], wide_k[:, :, :k.shape[2]], wide_v[:, :, :k.shape[2]], None,
+                                              0.125)
+    assert torch.equal(sliced, torch.ops.nvila_attention.decode(q[:, :, 0], k, v, None, 0.125))
+    with pytest.raises(RuntimeError, match="head width must be 32, 64, 128 or 256"):
+        torch.ops.nvila_attention.decode(*(t[..., :48] for t in (q[:, :, 0], k, v)), None, 0.125)
+    with pytest.raises(RuntimeError, match="all be bf16 or all fp32"):
+        torch.ops.nvila_attention.decode(q[:, :, 0], k.float(), v, None, 0.125)
+    with pytest.raises(RuntimeError, match=r"keep must be a \(B, L\) bool mask"):
+        torch.ops.nvila_attention.decode(q[:, :, 0], k, v, torch.ones(2, 3, dtype=torch.bool), 0.125)
+
+
+@KERNEL
+def test_without_a_compiler_decoding_attention_takes_the_matmul_path_with_the_same_answer(monkeypatch):
+    q, k, v = qkv(torch.float32, dim=64)
+    keep = torch.ones(2, 1, 1, k.shape[2], dtype=torch.bool)
+    keep[0, ..., :4] = False
+    before = attention.single_query_attention(q, k, v, keep, scaling=0.125)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "'no-such-compiler' is not on PATH" in attention.KERNEL.missing() and not attention.kernel_runs()
+    after = attention.single_query_attention(q, k, v, keep, scaling=0.125)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
 
 
 def language_model(implementation):
