@@ -13,6 +13,15 @@ not change under it, which holds for an engine: nothing quantizes, unpacks or sw
 Without those guards nothing would tell two models of one class apart, so each compiled step gets a code object,
 and with it a compiled-code cache, of its own (:func:`compile_step`).
 
+What is left of the per-step cost outside the kernels is kept small the same way:
+- float attributes (norm epsilons, attention scales) are constants (``specialize_float``), not inputs to turn into
+  tensors and guard at every call;
+- quantized layers mark their packed weights static (``nvila.quant.packed_linear``), or each of their sizes would
+  be a symbol with a Python guard: 1,052 guards for the mid model;
+- the compiled code does not re-check the sizes and alignment of every kernel's inputs and outputs
+  (``size_asserts``, ``alignment_asserts``), which fake implementations and tests already pin down.
+Together with nvila's decoding-attention kernel these took the mid model's W4A16 step from about 20 to 18.5 ms.
+
 Prefill is not compiled: its shapes vary with every prompt, and it is dominated by large matmuls already.
 """
 
@@ -62,11 +71,13 @@ def compile_step(language_model: Any, device: torch.device) -> Callable[..., Any
 
     step.__code__ = step.__code__.replace()  # a code object, and so a compiled-code cache, of this model's own
     compiled = torch.compile(step, dynamic=True, fullgraph=True,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                      "size_asserts": False, "alignment_asserts": False})
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return compiled(*args, **kwargs)
+            with torch._dynamo.config.patch(specialize_float=True):  # read when it compiles, at the first steps
+                return compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as exc:
             name = type(language_model).__name__
             raise NvilaError(f"{name}'s decoding step cannot be compiled as one graph ({str(exc).splitlines()[0]}); "

@@ -54,6 +54,7 @@ class PackedLinear(nn.Module, ABC):
             self._packed = self.pack({k: self._buffers[k] for k in self.PACKED})
             for k in self.PACKED:
                 self._buffers[k] = None  # the packed form replaces them
+            _mark_static(self._packed)
         return self.matmul(x, self._packed)
 
     def plain(self) -> dict[str, torch.Tensor]:
@@ -85,6 +86,18 @@ class PackedLinear(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.is_packed}"
+
+
+def _mark_static(packed: Any) -> None:
+    """Tell ``torch.compile`` that the packed tensors' shapes never change.
+
+    They are plain attributes, not parameters or buffers, so a step compiled with dynamic shapes (compiled
+    decoding) would take each of their sizes as a symbol and check every stride at every call: over 1,000 guards,
+    evaluated in Python, about 2 ms of a mid-size model's decoding step.
+    """
+    for tensor in torch.utils._pytree.tree_leaves(packed):
+        if isinstance(tensor, torch.Tensor):
+            torch._dynamo.mark_static(tensor)
 
 
 def linear_layers(part: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Linear]:
