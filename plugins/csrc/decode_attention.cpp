@@ -58,30 +58,62 @@ inline __mmask16 attending(const bool* keep, int64_t at, int64_t length) {
   return _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
 }
 
-// Scores of Heads query rows (each Chunks x 16 wide) against every key row: scores[h * length + l], scaled; each
-// key row is read once for all of them, and the queries and sums stay in registers.
-template <typename T, int64_t Chunks, int64_t Heads>
+// out lane i = the sum of the 16 lanes of r[i]: 16 horizontal sums for about the cost of three.
+inline __m512 sum16(const __m512 (&r)[16]) {
+  __m512 pairs[8], quads[4];
+  for (int64_t i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = r[2i], b = r[2i+1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+  for (int64_t i = 0; i < 4; ++i) {  // per 128-bit lane: r[4i .. 4i+3], each summed over that lane
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // the four lanes of each quad summed, quad j into lane j
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// Scores of `heads` query rows (each Chunks x 16 wide) against every key row: scores[h * length + l], scaled.
+// Keys go 16 at a time: a block is read (and widened to fp32) once for all the heads, and each head's 16 dot
+// products are summed across lanes together (sum16); the last length % 16 keys one at a time.
+template <typename T, int64_t Chunks>
 void score_rows(const T* query, int64_t query_stride, const T* key, int64_t row_stride, int64_t length,
-                float scaling, float* scores) {
-  __m512 q[Heads][Chunks];
-  #pragma GCC unroll 16
-  for (int64_t h = 0; h < Heads; ++h)
-    #pragma GCC unroll 16
+                int64_t heads, float scaling, float* scores) {
+  constexpr int64_t width = Chunks * 16;
+  std::vector<float> q(heads * width);  // the queries in fp32, scaled
+  for (int64_t h = 0; h < heads; ++h)
     for (int64_t c = 0; c < Chunks; ++c)
-      q[h][c] = _mm512_mul_ps(load16(query + h * query_stride + 16 * c), _mm512_set1_ps(scaling));
-  for (int64_t l = 0; l < length; ++l) {
-    const T* k = key + l * row_stride;
-    __m512 acc[Heads];
-    #pragma GCC unroll 16
-    for (int64_t h = 0; h < Heads; ++h) acc[h] = _mm512_setzero_ps();
-    #pragma GCC unroll 16
-    for (int64_t c = 0; c < Chunks; ++c) {
-      const __m512 kc = load16(k + 16 * c);
-      #pragma GCC unroll 16
-      for (int64_t h = 0; h < Heads; ++h) acc[h] = _mm512_fmadd_ps(q[h][c], kc, acc[h]);
+      _mm512_storeu_ps(&q[h * width + 16 * c],
+                       _mm512_mul_ps(load16(query + h * query_stride + 16 * c), _mm512_set1_ps(scaling)));
+  alignas(64) float block[16][width];
+  int64_t l = 0;
+  for (; l + 16 <= length; l += 16) {
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < 16; ++j)
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < Chunks; ++c) _mm512_store_ps(&block[j][16 * c], load16(key + (l + j) * row_stride + 16 * c));
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = &q[h * width];
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < 16; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_load_ps(&block[j][0]));
+#pragma GCC unroll 16
+      for (int64_t c = 1; c < Chunks; ++c) {
+        const __m512 qc = _mm512_loadu_ps(qh + 16 * c);
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qc, _mm512_load_ps(&block[j][16 * c]), acc[j]);
+      }
+      _mm512_storeu_ps(scores + h * length + l, sum16(acc));
     }
-    #pragma GCC unroll 16
-    for (int64_t h = 0; h < Heads; ++h) scores[h * length + l] = _mm512_reduce_add_ps(acc[h]);
+  }
+  for (; l < length; ++l) {
+    const T* k = key + l * row_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < Chunks; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(&q[h * width + 16 * c]), load16(k + 16 * c), acc);
+      scores[h * length + l] = _mm512_reduce_add_ps(acc);
+    }
   }
 }
 
@@ -160,10 +192,7 @@ void attend(const T* query, int64_t query_stride, const T* key, const T* value, 
   constexpr int64_t kBlock = Chunks >= 16 ? 1 : Chunks >= 8 ? 2 : 4;  // heads whose vectors fit in registers
   scores.resize(heads * length);
   std::vector<float> norm(heads);
-  in_head_blocks<kBlock>(heads, [&]<int64_t Heads>(int64_t h) {
-    score_rows<T, Chunks, Heads>(query + h * query_stride, query_stride, key, row_stride, length, scaling,
-                                 scores.data() + h * length);
-  });
+  score_rows<T, Chunks>(query, query_stride, key, row_stride, length, heads, scaling, scores.data());
   for (int64_t h = 0; h < heads; ++h) norm[h] = softmax_row(scores.data() + h * length, keep, length);
   in_head_blocks<kBlock>(heads, [&]<int64_t Heads>(int64_t h) {
     weigh_values<T, Chunks, Heads>(scores.data() + h * length, norm.data() + h, value, row_stride, length,
