@@ -83,7 +83,8 @@ def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 def nvila_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention function, but single-token queries on CPUs run as two matmuls."""
+    """transformers' SDPA attention function, but single-token queries on CPUs go to :func:`single_query_attention`
+    (nvila's kernel, or two matmuls)."""
     plain = dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if (query.shape[2] == 1 and query.device.type == "cpu" and plain and query.shape[1] % key.shape[1] == 0
             and (torch.compiler.is_compiling() or kernel_runs() or key.shape[2] >= MATMUL_FROM)):
