@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
+from nvila.core import kv_cache
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import LanguageModel
 from nvila.plugins import attention
@@ -83,7 +84,7 @@ class Qwen2LM(LanguageModel):
                            position_ids: torch.Tensor, cache: Any = None,
                            last_only: bool = True) -> tuple[torch.Tensor, Any]:
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = kv_cache.growing(DynamicCache(config=self.model.config))
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits, out.cache  # (B, 1 or L, V); the cache now holds past + L tokens
