@@ -76,7 +76,10 @@ def compile_step(language_model: Any, device: torch.device) -> Callable[..., Any
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            with torch._dynamo.config.patch(specialize_float=True):  # read when it compiles, at the first steps
+            # both read when it compiles, at the first steps; no duck sizing: a cache's length or room that happens
+            # to equal another size (a width) would be taken as equal to it, and the step compiled again once not
+            with torch._dynamo.config.patch(specialize_float=True), \
+                    torch.fx.experimental._config.patch(use_duck_shape=False):
                 return compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as exc:
             name = type(language_model).__name__

@@ -98,6 +98,9 @@ def _mark_static(packed: Any) -> None:
     for tensor in torch.utils._pytree.tree_leaves(packed):
         if isinstance(tensor, torch.Tensor):
             torch._dynamo.mark_static(tensor)
+            if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (torchao's): its inner tensors too
+                for name in tensor.__tensor_flatten__()[0]:
+                    torch._dynamo.mark_static(getattr(tensor, name))
 
 
 def linear_layers(part: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Linear]:
