@@ -193,10 +193,12 @@ class LanguageModel(nn.Module, ABC):
         """
         if isinstance(cache, tuple):  # the recomputing cache: (embeds (B, L, D), position ids (B, L))
             return tuple(t[rows, start:] for t in cache)
+        from nvila.core import kv_cache  # transformers' cache layers, imported only where a cache is
+
         for layer in _full_attention_layers(self, cache):
             layer.keys = layer.keys[rows, :, start:]  # (B', H, L - start, d)
             layer.values = layer.values[rows, :, start:]
-            _drop_room(layer)
+            kv_cache.drop_room(layer)
         return cache
 
     def concat_caches(self, caches: list[Any], lengths: list[int]) -> Any:
@@ -209,13 +211,15 @@ class LanguageModel(nn.Module, ABC):
         if all(isinstance(c, tuple) for c in caches):
             return tuple(torch.cat([nn.functional.pad(c[k], (0, 0) * (c[k].ndim - 2) + (longest - n, 0))
                                     for c, n in zip(caches, lengths)]) for k in range(len(caches[0])))
+        from nvila.core import kv_cache
+
         per_cache = [_full_attention_layers(self, c) for c in caches]
         for layer, *others in zip(*per_cache):
             for name in ("keys", "values"):
                 tensors = [getattr(x, name) for x in (layer, *others)]  # each (B_i, H, n_i, d)
                 setattr(layer, name, torch.cat([nn.functional.pad(t, (0, 0, longest - n, 0))
                                                 for t, n in zip(tensors, lengths)]))  # (sum B_i, H, longest, d)
-            _drop_room(layer)
+            kv_cache.drop_room(layer)
         return caches[0]
 
     @abstractmethod
@@ -234,20 +238,14 @@ class LanguageModel(nn.Module, ABC):
         return []
 
 
-def _drop_room(layer: Any) -> None:
-    """A layer's keys and values were replaced: a growing layer's spare room no longer extends them."""
-    if hasattr(layer, "key_room"):
-        layer.key_room = layer.value_room = None
-
-
 def _full_attention_layers(llm: LanguageModel, cache: Any) -> list[Any]:
     """The layers of a transformers ``DynamicCache`` whose every layer keeps all positions (no sliding window)."""
     from transformers.cache_utils import DynamicLayer
 
-    from nvila.core.kv_cache import GrowingLayer
+    from nvila.core import kv_cache
 
     layers = getattr(cache, "layers", None)
-    if layers is None or not all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers):
+    if layers is None or not all(type(layer) in (DynamicLayer, kv_cache.GrowingLayer) for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers or ()}) or [type(cache).__name__]
         raise NvilaError(f"{type(llm).__name__} keeps a cache ({', '.join(kinds)}) that continuous batching cannot "
                          "split or join: override LanguageModel.select_cache and concat_caches for it.")

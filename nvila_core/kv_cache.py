@@ -80,6 +80,13 @@ def growing(cache: Any) -> Any:
     return cache
 
 
+def drop_room(layer: Any) -> None:
+    """``layer``'s keys and values were replaced (continuous batching's select and concat): a growing layer's room no
+    longer extends them, so the next :func:`reserve` makes a fresh one."""
+    if isinstance(layer, GrowingLayer):
+        layer.key_room = layer.value_room = None
+
+
 def reserve(cache: Any, extra: int) -> None:
     """Room for ``extra`` more positions in every :class:`GrowingLayer` of ``cache`` (others are left alone)."""
     for layer in getattr(cache, "layers", ()):
