@@ -427,8 +427,7 @@ class Engine:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(token_ids), 1)], dim=1)
         positions = state.positions + 1  # (B,)
         embeds = self.model.llm.embed(token_ids[:, None])  # (B, 1, D)
-        if self._compiled_step is None:  # room to write the step's keys and values in place (nvila.core.kv_cache)
-            kv_cache.reserve(state.cache, 1)  # not compiled: inductor mishandles a cache and its room as two inputs
+        kv_cache.reserve(state.cache, 1)  # room to write the step's keys and values in place (nvila.core.kv_cache)
         forward = self._compiled_step or self.model.llm.forward_with_cache
         logits, cache = forward(embeds, mask, positions[:, None], state.cache)
         return Prefill(logits[:, -1].float(), cache, mask, positions)

@@ -193,12 +193,9 @@ class LanguageModel(nn.Module, ABC):
         """
         if isinstance(cache, tuple):  # the recomputing cache: (embeds (B, L, D), position ids (B, L))
             return tuple(t[rows, start:] for t in cache)
-        from nvila.core import kv_cache  # transformers' cache layers, imported only where a cache is
-
-        for layer in _full_attention_layers(self, cache):
+        for layer in _full_attention_layers(self, cache):  # a growing layer's room goes with the assignment
             layer.keys = layer.keys[rows, :, start:]  # (B', H, L - start, d)
             layer.values = layer.values[rows, :, start:]
-            kv_cache.drop_room(layer)
         return cache
 
     def concat_caches(self, caches: list[Any], lengths: list[int]) -> Any:
@@ -211,15 +208,12 @@ class LanguageModel(nn.Module, ABC):
         if all(isinstance(c, tuple) for c in caches):
             return tuple(torch.cat([nn.functional.pad(c[k], (0, 0) * (c[k].ndim - 2) + (longest - n, 0))
                                     for c, n in zip(caches, lengths)]) for k in range(len(caches[0])))
-        from nvila.core import kv_cache
-
         per_cache = [_full_attention_layers(self, c) for c in caches]
         for layer, *others in zip(*per_cache):
             for name in ("keys", "values"):
                 tensors = [getattr(x, name) for x in (layer, *others)]  # each (B_i, H, n_i, d)
                 setattr(layer, name, torch.cat([nn.functional.pad(t, (0, 0, longest - n, 0))
                                                 for t, n in zip(tensors, lengths)]))  # (sum B_i, H, longest, d)
-            kv_cache.drop_room(layer)
         return caches[0]
 
     @abstractmethod

@@ -28,6 +28,28 @@ def test_compiled_decoding_answers_as_eager_decoding_and_compiles_once_per_batch
 
 
 @pytest.mark.slow
+def test_compiled_decoding_writes_into_the_growing_cache_and_grows_it_without_compiling_again(varied_model):
+    import copy
+
+    eager, fast = Engine(varied_model), Engine(varied_model, compile_decode=True)
+    fast.warm_up((2,))
+    counters.clear()
+    slow_state = eager.prefill(eager.inputs(REQUESTS))
+    fast_state = copy.deepcopy(slow_state)  # steps write into the cache in place: each engine gets its own
+    capacities, after_growth = [], 0
+    while after_growth < 3:  # until the prompts' room (half again what they hold) has run out and grown
+        token = slow_state.logits.argmax(-1)
+        slow_state, fast_state = eager.step(slow_state, token), fast.step(fast_state, token)
+        torch.testing.assert_close(fast_state.logits, slow_state.logits, rtol=1e-4, atol=1e-4)
+        layer = fast_state.cache.layers[0]
+        assert layer.keys.data_ptr() == layer.key_room.data_ptr()  # the step wrote into the room
+        capacities.append(layer.key_room.shape[-2])
+        after_growth += capacities[-1] != capacities[0]
+        assert len(capacities) < 200
+    assert counters["stats"]["unique_graphs"] == 0  # and never compiled again
+
+
+@pytest.mark.slow
 def test_compiled_logits_match_eager_logits(varied_model):
     eager, fast = Engine(varied_model), Engine(varied_model, compile_decode=True)
     state = eager.prefill(eager.inputs(REQUESTS))
