@@ -1,4 +1,3 @@
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -7,18 +6,9 @@ import torch
 from nvila.plugins import attention
 from nvila.quant import int4_cpu
 from nvila.quant.w4a16 import pack_nibbles, quantize_groups
+from nvila.workflows.bench.measure import torch_threads
 
 KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL}
-
-
-@contextmanager
-def threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def needs(name: str):
@@ -26,11 +16,15 @@ def needs(name: str):
     return pytest.mark.skipif(reason is not None, reason=f"nvila's {name} kernel: {reason}")
 
 
+def mapped_files() -> set[str]:
+    """The files this process has mapped (its shared libraries among them)."""
+    return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+
+
 def loaded_library(name: str) -> Path:
     """The shared library of a loaded kernel, as this process mapped it."""
     KERNELS[name].load()
-    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-             if line.rstrip().endswith(f"/{KERNELS[name].name}.so")}
+    paths = {path for path in mapped_files() if path.endswith(f"/{KERNELS[name].name}.so")}
     assert len(paths) == 1, paths
     return Path(paths.pop())
 
@@ -41,7 +35,7 @@ def test_kernels_run_their_parallel_loops_on_torchs_openmp_threads(name):
     # at::parallel_for is an OpenMP pragma compiled into the kernel: without -fopenmp it ran on one thread whatever
     # torch.set_num_threads said. Built with it, the library calls OpenMP's parallel region, in torch's libgomp.
     assert b"GOMP_parallel" in loaded_library(name).read_bytes()
-    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
+    runtimes = {path for path in mapped_files() if "gomp" in path}
     assert len(runtimes) == 1, runtimes  # one OpenMP runtime in the process, not a second beside torch's
 
 
@@ -51,9 +45,9 @@ def test_the_int4_kernel_gives_the_same_answer_on_two_threads(rows):
     torch.manual_seed(rows)
     q, scales, zeros = quantize_groups(torch.randn(300, 256), 128, torch.bfloat16)
     x = torch.randn(rows, 256).bfloat16()
-    with threads(1):
+    with torch_threads(1):
         one = int4_cpu.matmul(x, pack_nibbles(q), scales, zeros)
-    with threads(2):
+    with torch_threads(2):
         two = int4_cpu.matmul(x, pack_nibbles(q), scales, zeros)
     assert torch.equal(one, two)
 
@@ -63,8 +57,8 @@ def test_the_attention_kernel_gives_the_same_answer_on_two_threads():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 8, 64, generator=g)
     k, v = torch.randn(3, 2, 40, 64, generator=g), torch.randn(3, 2, 40, 64, generator=g)
-    with threads(1):
+    with torch_threads(1):
         one = torch.ops.nvila_attention.decode(q, k, v, None, 0.125)
-    with threads(2):
+    with torch_threads(2):
         two = torch.ops.nvila_attention.decode(q, k, v, None, 0.125)
     assert torch.equal(one, two)
