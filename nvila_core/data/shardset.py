@@ -197,15 +197,20 @@ class ShardSetWriter:
         return self.paths
 
     def abort(self) -> None:
-        """Delete the shard being written; the finished ones stay, listed by a manifest marked unfinished."""
+        """Delete the shard being written; the finished ones stay, listed by a manifest marked unfinished.
+
+        The partial file is removed by name even when no file object holds it: an interrupt that lands between
+        ``open`` creating it and the assignment of its file object (right after a shard is finished) leaves it
+        on disk with nothing here that knows of it.
+        """
         if self._file is not None:
             try:
                 self._tar.close()  # into the file about to be deleted: so that nothing writes to it later
             except Exception:  # noqa: BLE001 - the write that failed may have left the archive in any state
                 pass
             self._file.close()
-            _remove([self._partial(len(self.paths))])
-            self._tar, self._file, self._count = None, None, 0
+        _remove([self._partial(len(self.paths))])
+        self._tar, self._file, self._count = None, None, 0
 
     def __enter__(self) -> ShardSetWriter:
         return self
