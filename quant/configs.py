@@ -14,7 +14,7 @@ W8A8_KERNELS = ("auto", "onednn", "fbgemm", "torchao")
 W8A8_DTYPES = ("auto", "fp32", "bf16")
 W4A16_GROUP_SIZES = (32, 64, 128)
 W4A16_METHODS = ("awq", "rtn")
-W4A16_KERNELS = ("auto", "avx512_bf16", "cpu", "cuda", "reference")
+W4A16_KERNELS = ("auto", "avx512_bf16", "avx512_vnni", "cpu", "cuda", "reference")
 W4A16_DTYPES = ("bf16", "fp16")
 
 
@@ -86,7 +86,9 @@ class W4A16Config:
     kernel: str = "auto"
     """'auto' (CPU: nvila's AVX512-BF16 int4 kernel where the CPU has those instructions, else torch's CPU int4;
     CUDA: tinygemm's tile-packed int4), 'avx512_bf16', 'cpu', 'cuda', or 'reference' (dequantizes at every call:
-    any device, slow)."""
+    any device, slow). 'avx512_vnni' (asked for by name, never picked by 'auto'): nvila's CPU kernel with the
+    decoding activations rounded to int8 per group of 128, llama.cpp's way; faster, not exact 16-bit activations
+    (groups of 128, AVX512-VNNI)."""
     dtype: str = "bf16"
     """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])

@@ -8,9 +8,11 @@ shards; see ``nvila.quant.awq``) or from plain round-to-nearest (``method: rtn``
 Values follow tinygemm's convention, ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. The checkpoint holds
 them as plain tensors (two values a byte); the layer packs them for its device's kernel on first use
 (API notes, section 3): on CPUs with AVX512-BF16, nvila's own kernel reads the plain layout as it is
-(``nvila.quant.int4_cpu``, about 1.4x torch's speed at decoding); on other CPUs, torchao's ``Int4OpaqueTensor``
-(``PrototypeInt4WeightOnlyConfig``'s layout); the tile-packed tinygemm layout on CUDA GPUs of compute
-capability 8.0 or higher. ``kernel: reference`` dequantizes at every call instead: slow, but it runs on any device.
+(``nvila.quant.int4_cpu``, about 1.4x torch's speed at decoding; ``kernel: avx512_vnni`` rounds the activations
+to int8 per group at decoding, llama.cpp's way, for about 1.2x that kernel's speed on Zen 4); on other CPUs,
+torchao's ``Int4OpaqueTensor`` (``PrototypeInt4WeightOnlyConfig``'s layout); the tile-packed tinygemm layout on
+CUDA GPUs of compute capability 8.0 or higher. ``kernel: reference`` dequantizes at every call instead: slow, but it
+runs on any device.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
-DENSE_ROWS = {"avx512_bf16": 32, "cpu": 256}
+DENSE_ROWS = {"avx512_bf16": 32, "avx512_vnni": 32, "cpu": 256}
 """Rows from which a call runs dequantize-then-bf16-matmul rather than the kernel, per CPU kernel (``dense_rows:
 None``): about where the two cross on one core (Zen 4 for nvila's kernel, whose cost grows with the rows from 4 on;
 Sapphire Rapids for torch's)."""
+NVILA_KERNELS = ("avx512_bf16", "avx512_vnni")
+"""nvila's own CPU kernels (``nvila.quant.int4_cpu``), which read the checkpoint's plain layout."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """The torch dtype of each name in ``W4A16Config.dtype``'s choices (``configs.W4A16_DTYPES``)."""
 
@@ -43,7 +47,8 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
     """The kernel that runs W4A16 on ``device``: ``kernel`` itself unless 'auto'; NvilaError naming the alternative.
 
     'auto' on a CPU picks nvila's own kernel (``avx512_bf16``, :mod:`nvila.quant.int4_cpu`) where the CPU has
-    AVX512-BF16 and it builds, for groups of 64 or 128; torch's int4 kernel (``cpu``) everywhere else.
+    AVX512-BF16 and it builds, for groups of 64 or 128; torch's int4 kernel (``cpu``) everywhere else. It never
+    picks ``avx512_vnni``, whose int8 activations change the numbers: that one is asked for by name.
     """
     if kernel == "auto":
         if device.type not in ("cpu", "cuda"):
@@ -60,6 +65,16 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
             raise NvilaError(f"W4A16 kernel 'avx512_bf16' takes groups of 64 or 128, not {group_size}; use kernel "
                              "'cpu' (torch's int4 kernel) for groups of 32.")
         int4_cpu.load()  # NvilaError naming what the machine lacks, and kernel 'cpu'
+    if kernel == "avx512_vnni":
+        if device.type != "cpu":
+            raise NvilaError(f"W4A16 kernel 'avx512_vnni' runs on CPUs, not on {device}; use kernel 'auto'.")
+        if group_size != 128:
+            raise NvilaError(f"W4A16 kernel 'avx512_vnni' rounds activations to int8 per group of 128, and this "
+                             f"checkpoint has groups of {group_size}; use kernel 'avx512_bf16' or 'auto'.")
+        int4_cpu.load()
+        if not int4_cpu.has_vnni():
+            raise NvilaError("W4A16 kernel 'avx512_vnni' needs a CPU with AVX512-VNNI (its int8 dot products); use "
+                             "kernel 'avx512_bf16' or 'auto'.")
     if kernel == "cpu" and device.type != "cpu":
         raise NvilaError(f"W4A16 kernel 'cpu' runs on CPUs, not on {device}; use kernel 'auto'.")
     if kernel == "cuda":
@@ -72,7 +87,7 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
         if capability < (8, 0):
             raise NvilaError(f"W4A16 kernel 'cuda' (tinygemm int4) needs compute capability 8.0 or higher; "
                              f"{torch.cuda.get_device_name(device)} has {capability}. Use kernel 'reference'.")
-    if kernel in ("cpu", "cuda", "avx512_bf16") and dtype != torch.bfloat16:
+    if kernel in ("cpu", "cuda", *NVILA_KERNELS) and dtype != torch.bfloat16:
         raise NvilaError(f"W4A16's int4 kernels take bf16 activations, not {dtype}; set dtype 'bf16', or kernel "
                          "'reference' for fp16.")
     return kernel
@@ -284,7 +299,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         self._running, self._dtype = kernel, scales.dtype if kernel == "reference" else torch.bfloat16
         if kernel == "reference":  # the plain tensors themselves, two values a byte
             return {"qweight": plain["qweight"], "scales": scales, "zeros": zeros}
-        if kernel == "avx512_bf16":  # the plain layout too, with 16-bit numbers in bf16
+        if kernel in NVILA_KERNELS:  # the plain layout too, with 16-bit numbers in bf16
             return {"qweight": plain["qweight"].contiguous(), "scales": scales.to(torch.bfloat16).contiguous(),
                     "zeros": zeros.to(torch.bfloat16).contiguous()}
         q = unpack_nibbles(plain["qweight"])
@@ -295,7 +310,7 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
         n, k = self.out_features, self.in_features
-        if self._running in ("reference", "avx512_bf16"):
+        if self._running == "reference" or self._running in NVILA_KERNELS:
             return dict(packed)
         else:
             from nvila.quant import _torchao
@@ -360,7 +375,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         """The weight as a dense (N, K) matrix in the activations' dtype, made anew at each call (never kept)."""
         if self._running == "reference":
             return dequantize_nibbles(**packed)
-        if self._running == "avx512_bf16":
+        if self._running in NVILA_KERNELS:
             return int4_cpu.dequantize(**packed)
         if self._running == "cpu":
             return self.dense_weight(packed)
@@ -387,6 +402,8 @@ class Int4WeightOnlyLinear(PackedLinear):
             rows = x.reshape(-1, self.in_features)
             if self._running == "avx512_bf16":
                 y = int4_cpu.matmul(rows, **packed)  # (M, N)
+            elif self._running == "avx512_vnni":
+                y = int4_cpu.matmul_a8(rows, **packed)  # (M, N)
             else:
                 from nvila.quant._torchao import int4_cpu_mm
 

@@ -41,14 +41,18 @@ def test_kernels_run_their_parallel_loops_on_torchs_openmp_threads(name):
 
 @needs("int4")
 @pytest.mark.parametrize("rows", [1, 3])
-def test_the_int4_kernel_gives_the_same_answer_on_two_threads(rows):
+@pytest.mark.parametrize("activations", ["bf16", "int8"])
+def test_the_int4_kernel_gives_the_same_answer_on_two_threads(rows, activations):
+    if activations == "int8" and not int4_cpu.has_vnni():
+        pytest.skip("int8 activations need AVX512-VNNI")
+    matmul = int4_cpu.matmul if activations == "bf16" else int4_cpu.matmul_a8
     torch.manual_seed(rows)
     q, scales, zeros = quantize_groups(torch.randn(300, 256), 128, torch.bfloat16)
     x = torch.randn(rows, 256).bfloat16()
     with torch_threads(1):
-        one = int4_cpu.matmul(x, pack_nibbles(q), scales, zeros)
+        one = matmul(x, pack_nibbles(q), scales, zeros)
     with torch_threads(2):
-        two = int4_cpu.matmul(x, pack_nibbles(q), scales, zeros)
+        two = matmul(x, pack_nibbles(q), scales, zeros)
     assert torch.equal(one, two)
 
 

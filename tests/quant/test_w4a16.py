@@ -195,6 +195,60 @@ def test_nvilas_kernel_is_the_exact_product_within_fp32_accumulation(rows, group
     assert bool(((dense.float() - expected).abs() <= expected.abs() * 2 ** -8).all())
 
 
+VNNI = pytest.mark.skipif(int4_cpu.missing() is not None or not int4_cpu.has_vnni(),
+                          reason="nvila's int4 kernel with AVX512-VNNI")
+
+
+def int8_activations(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """``x`` (M, K) rounded to int8 per group of ``group`` columns and back, as llama.cpp's Q8 blocks: written here
+    from that definition (scale = the group's largest magnitude / 127, round half to even), not from the kernel."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // group, group)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(g * (1 / scale)).clamp(-127, 127) * scale).reshape(m, k)
+
+
+@VNNI
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n", [134, 896])  # blocks of four output rows and a remainder of two; a model's width
+def test_int8_activations_give_the_dequantized_weight_times_the_dequantized_activations(rows, n):
+    torch.manual_seed(rows + n)
+    k = 640  # five groups of 128
+    q, scales, zeros = quantize_groups(torch.randn(n, k), 128, torch.bfloat16)
+    x = torch.randn(rows, k).bfloat16()
+    x[0, :128] = 0  # a group of zeros: scale 1, nothing divided by zero
+    expected = int8_activations(x).double() @ dequantize_groups(q, scales.double(), zeros.double()).t()
+    out = int4_cpu.matmul_a8(x, pack_nibbles(q), scales, zeros)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    assert bool(((out.double() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-4 * expected.abs().max()).all())
+    exact = x.double() @ dequantize_groups(q, scales.double(), zeros.double()).t()
+    assert float((out.double() - exact).norm() / exact.norm()) < 0.02  # what int8 activations cost
+
+
+@VNNI
+def test_the_int8_activation_kernel_is_asked_for_by_name_runs_decoding_and_refuses_what_it_cannot_run(monkeypatch):
+    device = torch.device("cpu")
+    assert pick_kernel("auto", device) != "avx512_vnni"  # it changes the numbers: never picked for the user
+    parts, x, long = {"avx512_bf16": mlp(), "avx512_vnni": mlp()}, torch.randn(1, 1, 256), torch.randn(1, 40, 256)
+    out = {}
+    for kernel, part in parts.items():
+        W4A16(W4A16Config(method="rtn", kernel=kernel)).quantize(part)
+        with torch.no_grad():
+            out[kernel] = part[0](x), part[0](long)  # 40 rows: the dense bf16 path of either kernel
+        assert part[0]._running == kernel
+    (a16, a16_long), (a8, a8_long) = out["avx512_bf16"], out["avx512_vnni"]
+    assert 0 < float((a8.float() - a16.float()).norm() / a16.float().norm()) < 0.02  # decoding: int8 activations
+    assert torch.equal(a8_long, a16_long)  # prefill: the same bf16 matmul
+    with pytest.raises(NvilaError, match="per group of 128.*groups of 64; use kernel 'avx512_bf16'"):
+        W4A16(W4A16Config(kernel="avx512_vnni", group_size=64)).check_available(device)
+    with pytest.raises(NvilaError, match="runs on CPUs, not on meta"):
+        pick_kernel("avx512_vnni", torch.device("meta"))
+    monkeypatch.setattr(int4_cpu, "has_vnni", lambda: False)
+    with pytest.raises(NvilaError, match="needs a CPU with AVX512-VNNI.*use kernel 'avx512_bf16' or 'auto'"):
+        W4A16(W4A16Config(kernel="avx512_vnni")).check_available(device)
+
+
 def test_auto_picks_nvilas_kernel_only_where_the_cpu_runs_avx512_bf16(monkeypatch):
     device = torch.device("cpu")
     assert pick_kernel("auto", device) == ("avx512_bf16" if int4_cpu.missing() is None else "cpu")

@@ -71,6 +71,21 @@ def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     assert len(against_torch) == (auto != "cpu") and torch_int4.baseline == w4a16.baseline
 
 
+@pytest.mark.skipif(not bq.int8_activations_run(), reason="nvila's int4 kernel with AVX512-VNNI")
+def test_int8_activation_rows_stand_beside_the_targets_with_their_ratio_to_16_bit_activations(limits, synth_data):
+    bench = run_of("quant-decode")
+    bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
+                        configs=("bf16", "w4a16", bq.INT8_ACTIVATIONS), contexts=(bq.TEXT,))
+    a8 = records(bench)["demo w4a16-a8"]
+    assert a8.settings["kernel"] == "avx512_vnni" and a8.value("decode") > 0 and bq.A8_NOTE in a8.notes
+    assert any(n.startswith("against w4a16 (16-bit activations): ") for n in a8.notes)
+    bench = run_of("quant-quality", calib=str(synth_data / "train"), held_out=str(synth_data / "val"))
+    bq.run_quality_suite(bench, sizes={"demo": ("demo", ("w4a16 rtn", bq.A8_QUALITY))},
+                         runs={"demo": {"calib_samples": 2, "samples": 2, "eval_limit": 2}})
+    quality = records(bench)[f"demo {bq.A8_QUALITY}"]
+    assert quality.baseline == "demo w4a16 rtn" and 0 < quality.value("top-1 agreement") <= 100
+
+
 @pytest.mark.slow
 def test_compiled_decode_rows_compare_with_compiled_baselines_and_report_compile_time(limits):
     bench = run_of("quant-decode")

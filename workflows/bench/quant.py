@@ -60,6 +60,18 @@ DEPLOYED = {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn
 """The serving mix, for timing (AWQ and round-to-nearest run at the same speed; quality compares them)."""
 TORCH_INT4 = "w4a16-torch"
 """W4A16 on torch's CPU int4 kernel (``kernel: cpu``), beside ``w4a16`` on the kernel 'auto' picks."""
+INT8_ACTIVATIONS = "w4a16-a8"
+"""The W4A16 checkpoint on nvila's CPU kernel with decoding activations rounded to int8 per group of 128
+(``kernel: avx512_vnni``); measured where that kernel runs."""
+A8_NOTE = ("activations rounded to int8 per group of 128 at decoding (kernel avx512_vnni, llama.cpp's way): the "
+           "targets are for 16-bit activations, so this row is beside them, not an answer to them")
+
+
+def int8_activations_run() -> bool:
+    """Whether ``kernel: avx512_vnni`` can run here (AVX-512 with BF16 and VNNI, and a compiler), without building."""
+    from nvila.quant import int4_cpu
+
+    return int4_cpu.missing() is None and int4_cpu.has_vnni()
 LIMITS_GROUP = "machine limits"
 
 
@@ -108,7 +120,7 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
 def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
     W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), w4a16-torch (the same on torch's CPU int4 kernel),
-    deployed (W8A8 vision, W4A16 language model)."""
+    w4a16-a8 (the same with int8 activations at decoding), deployed (W8A8 vision, W4A16 language model)."""
     out = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -122,6 +134,8 @@ def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dic
             model.quantize({"llm": DEPLOYED["llm"]})
         elif name == TORCH_INT4:
             model.quantize({"llm": {**DEPLOYED["llm"], "kernel": "cpu"}})
+        elif name == INT8_ACTIVATIONS:
+            model.quantize({"llm": {**DEPLOYED["llm"], "kernel": "avx512_vnni"}})
         elif name == "deployed":
             model.quantize(DEPLOYED)
         elif name != "fp32":
@@ -310,15 +324,18 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
 
 
 # -- quant-decode ---------------------------------------------------------------------------------------------
-DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH_INT4} compiled", "w4a16 compiled")
 COMPILED = " compiled"
+DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH_INT4} compiled", "w4a16 compiled",
+                  *((INT8_ACTIVATIONS, INT8_ACTIVATIONS + COMPILED) if int8_activations_run() else ()))
 """The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_SUMMARY = (
     "Decode tokens/s (`Engine.step`, 16 steps) after each context (a short text prompt; the 896x896 and the "
     "1920x1080 image with a short question, whose visual tokens make attention over the cache count) per "
     "configuration: fp32, bf16 and a W4A16 "
     "language model (round to nearest; the rest fp32) on the int4 kernel `kernel: auto` picks (its name under "
-    "*kernel*) and on torch's (`w4a16-torch`), eager and with the step compiled (`compiled`: "
+    "*kernel*) and on torch's (`w4a16-torch`); where the CPU has AVX512-VNNI, also the same checkpoint with the "
+    "decoding activations rounded to int8 per group of 128 (`w4a16-a8`, `kernel: avx512_vnni`, beside the "
+    "targets rather than for them); eager and with the step compiled (`compiled`: "
     "`Engine(compile_decode=True)`, `nvila generate --compile`; its compile time is that of the first steps). LLM "
     "weight bytes are the language model's state dict as stored (a tied output layer once), read once per token; the "
     "bandwidth share is those bytes x tokens/s over the copy bandwidth, the best one measured at the start and in "
@@ -407,6 +424,11 @@ def decode(bench: BenchRun, size: str, runs: Sequence[tuple[str | tuple[int, int
                 part = 100 * weight[name] / weight[bf16]
                 notes.append(target_note("weight bytes, % of bf16", part, -30, " %", part <= 30))
             notes.append(target_note("bandwidth share", share, 50, " %", share >= 50))
+            a16 = "w4a16" + (COMPILED if compiled else "")
+            if name.startswith(INT8_ACTIVATIONS):
+                notes.append(A8_NOTE)
+                if a16 in here:
+                    notes.append(f"against {a16} (16-bit activations): {best[context, a16] / best[context, name]:.2f}×")
             on_torch = TORCH_INT4 + (COMPILED if compiled else "")
             if not name.startswith(TORCH_INT4) and on_torch in here and kernel[name] != kernel[on_torch]:
                 ratio = best[context, on_torch] / best[context, name]
@@ -566,8 +588,14 @@ QUALITY_CONFIGS: dict[str, dict[str, Any]] = {
     "w8a8 + w4a16 awq": {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "awq"}},
     "w8a8 + w4a16 rtn": {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}},
 }
+A8_QUALITY = f"{INT8_ACTIVATIONS} rtn"
+"""W4A16 round to nearest with int8 activations at every position (``dense_rows: 0``: teacher-forced, each position
+computes as a decoding step does), against ``w4a16 rtn``; where the kernel runs."""
+if int8_activations_run():
+    QUALITY_CONFIGS[A8_QUALITY] = {"llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni", "dense_rows": 0}}
 QUALITY_SIZES = {"demo": ("demo", tuple(QUALITY_CONFIGS)),
-                 "mid-1tile": ("mid-1tile", ("w8a8 vision", "w8a8 + w4a16 awq", "w8a8 + w4a16 rtn"))}
+                 "mid-1tile": ("mid-1tile", ("w8a8 vision", "w8a8 + w4a16 awq", "w8a8 + w4a16 rtn",
+                                             *(("w4a16 rtn", A8_QUALITY) if A8_QUALITY in QUALITY_CONFIGS else ())))}
 """Per size: the model, and the configurations (at mid size one AWQ search takes minutes: the serving mix only)."""
 QUALITY_RUNS = {"demo": {"calib_samples": 128, "samples": 64, "eval_limit": 500},
                 "mid-1tile": {"calib_samples": 16, "samples": 16, "eval_limit": 200}}
@@ -577,7 +605,8 @@ QUALITY_SUMMARY = (
     "(teacher-forced) and the mean relative error of those logits; with a trained checkpoint (--ckpt, the demo's), "
     "held-out accuracy by greedy generation (exact match) and its drop. Calibration (AWQ) on --calib, held-out "
     "conversations from --held-out; without them, shards of the synthetic shapes task written for the run. Each "
-    "AWQ row against its round-to-nearest twin.")
+    "AWQ row against its round-to-nearest twin; where the CPU has AVX512-VNNI, `w4a16-a8 rtn` (int8 activations at "
+    "every position, as `kernel: avx512_vnni` decodes) against `w4a16 rtn`.")
 
 
 def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]]] | None = None,
@@ -676,8 +705,13 @@ def quality(bench: BenchRun, label: str, size: str, configs: Sequence[str], cali
             metrics["held-out accuracy"] = Metric(round(100 * quantized, 2), "%", "higher", "{:.1f}")
             metrics["accuracy drop"] = Metric(round(100 * (accuracy - quantized), 2), "points", None, "{:.1f}")
         twin = config.replace("awq", "rtn") if config.endswith("awq") else None
+        if config == A8_QUALITY:
+            twin = "w4a16 rtn"
+            notes = [A8_NOTE.replace("at decoding", "at every position")]
+        else:
+            notes = []
         record = Record(bench.suite, f"{label} {config}", metrics=metrics, settings=settings, group="quality",
-                        baseline=f"{label} {twin}" if twin in configs else None)
+                        baseline=f"{label} {twin}" if twin in configs else None, notes=notes)
         found[config] = (top1, bench.add(record))
         del model
         gc.collect()
