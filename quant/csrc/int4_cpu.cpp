@@ -245,6 +245,18 @@ void check(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor
               "the group size must divide K and be a multiple of 64");
 }
 
+// A new (M, N) bf16 output, and f(first row, rows, output) over the weight's N rows in blocks of kRowBlock (the last
+// one shorter), blocks in parallel on torch's threads.
+template <typename F>
+at::Tensor in_row_blocks(int64_t m, int64_t n, const at::TensorOptions& options, F&& f) {
+  at::Tensor out = at::empty({m, n}, options);
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (n + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) f(b * kRowBlock, std::min(kRowBlock, n - b * kRowBlock), y);
+  });
+  return out;
+}
+
 }  // namespace
 
 // x (M, K) bf16 times the int4 weight (N, K): (M, N) bf16, accumulated in fp32.
@@ -266,27 +278,20 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
       sums[i * groups + 2 * j / group] += bf16_value(first) + bf16_value(second);
     }
   }
-  at::Tensor out = at::empty({m, n}, x.options());
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
   const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const __m512i table = centred_nibble_table();
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * kRowBlock;
-      if (row + kRowBlock <= n) {
-        dot_rows<kRowBlock>(w + row * half, s + row * groups, z + row * groups, even.data(), odd.data(), sums.data(),
-                            m, k, group, table, y + row, n);
-      } else {
-        for (int64_t r = row; r < n; ++r)
-          dot_rows<1>(w + r * half, s + r * groups, z + r * groups, even.data(), odd.data(), sums.data(), m, k, group,
-                      table, y + r, n);
-      }
+  return in_row_blocks(m, n, x.options(), [&](int64_t row, int64_t rows, c10::BFloat16* y) {
+    static const __m512i table = centred_nibble_table();
+    if (rows == kRowBlock) {
+      dot_rows<kRowBlock>(w + row * half, s + row * groups, z + row * groups, even.data(), odd.data(), sums.data(), m,
+                          k, group, table, y + row, n);
+    } else {
+      for (int64_t r = row; r < row + rows; ++r)
+        dot_rows<1>(w + r * half, s + r * groups, z + r * groups, even.data(), odd.data(), sums.data(), m, k, group,
+                    table, y + r, n);
     }
   });
-  return out;
 }
 
 // x (M, K) bf16 times the int4 weight (N, K) with x rounded to int8 per group of 128 columns: (M, N) bf16.
@@ -306,31 +311,24 @@ at::Tensor int4_matmul_a8(const at::Tensor& x, const at::Tensor& qweight, const 
   for (int64_t i = 0; i < m; ++i)
     quantize_row_a8(xs + i * k, k, even.data() + i * half, odd.data() + i * half, x_scale.data() + i * groups,
                     x_sum.data() + i * groups);
-  at::Tensor out = at::empty({m, n}, x.options());
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
   const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<c10::BFloat16> column(kRowBlock);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * kRowBlock, rows = std::min(kRowBlock, n - row);
-      for (int64_t i = 0; i < m; ++i) {
-        const int8_t *xe = even.data() + i * half, *xo = odd.data() + i * half;
-        const float *sc = x_scale.data() + i * groups, *sm = x_sum.data() + i * groups;
-        if (rows == kRowBlock) {
-          dot_one_a8<kRowBlock>(w + row * half, s + row * groups, z + row * groups, xe, xo, sc, sm, k, column.data());
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            dot_one_a8<1>(w + (row + r) * half, s + (row + r) * groups, z + (row + r) * groups, xe, xo, sc, sm, k,
-                          column.data() + r);
-        }
-        for (int64_t r = 0; r < rows; ++r) y[i * n + row + r] = column[r];
+  return in_row_blocks(m, n, x.options(), [&](int64_t row, int64_t rows, c10::BFloat16* y) {
+    c10::BFloat16 column[kRowBlock];
+    for (int64_t i = 0; i < m; ++i) {
+      const int8_t *xe = even.data() + i * half, *xo = odd.data() + i * half;
+      const float *sc = x_scale.data() + i * groups, *sm = x_sum.data() + i * groups;
+      if (rows == kRowBlock) {
+        dot_one_a8<kRowBlock>(w + row * half, s + row * groups, z + row * groups, xe, xo, sc, sm, k, column);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          dot_one_a8<1>(w + (row + r) * half, s + (row + r) * groups, z + (row + r) * groups, xe, xo, sc, sm, k,
+                        column + r);
       }
+      for (int64_t r = 0; r < rows; ++r) y[i * n + row + r] = column[r];
     }
   });
-  return out;
 }
 
 // The int4 weight as a dense (N, K) bf16 matrix, each value computed in fp32 and rounded once.
