@@ -89,13 +89,16 @@ def test_int8_activation_rows_stand_beside_the_targets_with_their_ratio_to_16_bi
 @pytest.mark.slow
 def test_compiled_decode_rows_compare_with_compiled_baselines_and_report_compile_time(limits):
     bench = run_of("quant-decode")
+    a8 = (bq.INT8_ACTIVATIONS + bq.COMPILED,) if bq.int8_activations_run() else ()  # its int8 op compiled too
     bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
-                        configs=("bf16", "bf16 compiled", "w4a16 compiled"), contexts=(bq.TEXT,))
+                        configs=("bf16", "bf16 compiled", "w4a16 compiled", *a8), contexts=(bq.TEXT,))
     found = records(bench)
     w4a16 = found["demo w4a16 compiled"]
     assert w4a16.baseline == "demo bf16 compiled" and w4a16.value("compile (first steps)") > 0
     assert any(n.startswith("target: bandwidth share ≥ 50 %") for n in w4a16.notes)
     assert found["demo bf16 compiled"].baseline == "demo bf16"
+    if a8:
+        assert any(n.startswith("against w4a16 compiled (16-bit activations)") for n in found[f"demo {a8[0]}"].notes)
 
 
 @pytest.mark.bf16
