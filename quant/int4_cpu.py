@@ -9,7 +9,7 @@ prefill-sized calls) is a plain pass over the bytes, about 13x faster than readi
 
 The ops, ``torch.ops.nvila_int4.matmul(x, qweight, scales, zeros)``, ``...dequantize(qweight, scales, zeros)``
 and ``...matmul_a8`` (the product with int8 activations, where the CPU has AVX512-VNNI: ``kernel: avx512_vnni``,
-about 1.2x the speed of ``matmul`` at decoding, at a cost in exactness that ``nvila bench quant-quality``
+1.1-1.2x the speed of ``matmul`` at decoding on Zen 4, at a cost in exactness that ``nvila bench quant-quality``
 measures), are compiled with torch's C++ extension builder (a C++ compiler and ninja; about 8 s once, then
 cached under ``TORCH_EXTENSIONS_DIR``) and registered with fake tensors, so a compiled decoding step calls
 them as it calls any aten op.

@@ -164,12 +164,13 @@ void dot_rows(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BF
 inline float bf16_value(uint16_t bits) { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
 
 // -- int8 activations (vpdpbusd) ------------------------------------------------------------------------------
-// The same product with the activations rounded to int8, per group of the weight's group size (one fp32 scale a
-// group: the largest magnitude over 127), as llama.cpp's CPU kernels do with their Q8 blocks. Nibbles then need no
-// conversion at all: a byte AND and a shift give 64 unsigned 8-bit values, and one vpdpbusd multiplies 64 of them
-// by signed 8-bit activations and adds them, four to an int32 lane: twice the products of vdpbf16ps per instruction,
-// and none of its table lookups. The result is exactly the dequantized weight times the dequantized activations
-// (fp32 sums): w = (q - 8) * scale + zero, so sum(w * a * x8) = scale * a * sum(q * x8) + (zero - 8 * scale) * a * sum(x8).
+// The same product with the activations rounded to int8 in the weight's groups of 128 (one fp32 scale a group: the
+// largest magnitude over 127), as llama.cpp's CPU kernels do with their Q8 blocks. Nibbles then need no conversion
+// at all: a byte AND and a shift give 64 unsigned 8-bit values, and one vpdpbusd multiplies 64 of them by signed
+// 8-bit activations and adds them, four to an int32 lane: twice the products of vdpbf16ps per instruction (the two
+// take the same time on Zen 4), and none of its table lookups. The result is exactly the dequantized weight times
+// the dequantized activations, summed in fp32: with w = (q - 8) * scale + zero and x = a * x8,
+// sum(w * x) = scale * a * sum(q * x8) + (zero - 8 * scale) * a * sum(x8).
 constexpr int64_t kA8Group = 128;  // 64 bytes of a row: one vector of low nibbles and one of high
 
 // One activation row as int8: even and odd columns apart (K/2 each, as the nibbles), scale and a * sum(x8) per group.
@@ -206,9 +207,10 @@ void quantize_row_a8(const uint16_t* x, int64_t k, int8_t* even, int8_t* odd, fl
 
 // y for Rows output rows and one int8 activation row.
 template <int64_t Rows>
-__attribute__((target("avx512vnni"))) void dot_one_a8(const uint8_t* qweight, const c10::BFloat16* scales, const c10::BFloat16* zeros,
-                const int8_t* x_even, const int8_t* x_odd, const float* x_scale, const float* x_sum, int64_t k,
-                c10::BFloat16* out) {
+__attribute__((target("avx512vnni"))) void dot_one_a8(const uint8_t* qweight, const c10::BFloat16* scales,
+                                                      const c10::BFloat16* zeros, const int8_t* x_even,
+                                                      const int8_t* x_odd, const float* x_scale, const float* x_sum,
+                                                      int64_t k, c10::BFloat16* out) {
   const int64_t groups = k / kA8Group, half = k / 2;
   const __m512i nibble = _mm512_set1_epi8(15);
   __m512 total[Rows];

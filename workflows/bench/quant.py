@@ -72,6 +72,8 @@ def int8_activations_run() -> bool:
     from nvila.quant import int4_cpu
 
     return int4_cpu.missing() is None and int4_cpu.has_vnni()
+
+
 LIMITS_GROUP = "machine limits"
 
 
@@ -325,9 +327,9 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
 
 # -- quant-decode ---------------------------------------------------------------------------------------------
 COMPILED = " compiled"
+"""The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH_INT4} compiled", "w4a16 compiled",
                   *((INT8_ACTIVATIONS, INT8_ACTIVATIONS + COMPILED) if int8_activations_run() else ()))
-"""The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_SUMMARY = (
     "Decode tokens/s (`Engine.step`, 16 steps) after each context (a short text prompt; the 896x896 and the "
     "1920x1080 image with a short question, whose visual tokens make attention over the cache count) per "
