@@ -72,3 +72,10 @@ def has_vnni() -> bool:
         return bool(torch.cpu._is_vnni_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def int8_missing() -> str | None:
+    """Why :func:`matmul_a8` cannot run here (what the machine lacks), without building anything; None if it can."""
+    if (reason := missing()) is not None:
+        return reason
+    return None if has_vnni() else "this CPU has no AVX512-VNNI instructions (the int8 dot products)"

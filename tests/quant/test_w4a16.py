@@ -195,8 +195,7 @@ def test_nvilas_kernel_is_the_exact_product_within_fp32_accumulation(rows, group
     assert bool(((dense.float() - expected).abs() <= expected.abs() * 2 ** -8).all())
 
 
-VNNI = pytest.mark.skipif(int4_cpu.missing() is not None or not int4_cpu.has_vnni(),
-                          reason="nvila's int4 kernel with AVX512-VNNI")
+VNNI = pytest.mark.skipif(int4_cpu.int8_missing() is not None, reason=f"int8 activations: {int4_cpu.int8_missing()}")
 
 
 def int8_activations(x: torch.Tensor, group: int = 128) -> torch.Tensor:

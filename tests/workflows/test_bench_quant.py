@@ -71,7 +71,7 @@ def test_decode_reports_tokens_per_second_bytes_and_targets(limits):
     assert len(against_torch) == (auto != "cpu") and torch_int4.baseline == w4a16.baseline
 
 
-@pytest.mark.skipif(not bq.int8_activations_run(), reason="nvila's int4 kernel with AVX512-VNNI")
+@pytest.mark.skipif(not bq.A8_RUNS, reason=f"int8 activations: {int4_cpu.int8_missing()}")
 def test_int8_activation_rows_stand_beside_the_targets_with_their_ratio_to_16_bit_activations(limits, synth_data):
     bench = run_of("quant-decode")
     bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
@@ -89,7 +89,7 @@ def test_int8_activation_rows_stand_beside_the_targets_with_their_ratio_to_16_bi
 @pytest.mark.slow
 def test_compiled_decode_rows_compare_with_compiled_baselines_and_report_compile_time(limits):
     bench = run_of("quant-decode")
-    a8 = (bq.INT8_ACTIVATIONS + bq.COMPILED,) if bq.int8_activations_run() else ()  # its int8 op compiled too
+    a8 = (bq.INT8_ACTIVATIONS + bq.COMPILED,) if bq.A8_RUNS else ()  # its int8 op compiled too
     bq.run_decode_suite(bench, sizes=("demo",), tokens=2, repeats=1, limits=limits,
                         configs=("bf16", "bf16 compiled", "w4a16 compiled", *a8), contexts=(bq.TEXT,))
     found = records(bench)

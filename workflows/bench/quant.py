@@ -36,6 +36,7 @@ from PIL import Image
 from nvila.core.engine import ChatRequest, Engine
 from nvila.core.errors import NvilaError
 from nvila.core.model import NvilaModel
+from nvila.quant import int4_cpu
 from nvila.quant.w4a16 import Int4WeightOnlyLinear
 from nvila.workflows.bench.measure import Stopwatch, synchronize, time_call
 from nvila.workflows.bench.record import Metric, Record
@@ -65,15 +66,8 @@ INT8_ACTIVATIONS = "w4a16-a8"
 (``kernel: avx512_vnni``); measured where that kernel runs."""
 A8_NOTE = ("activations rounded to int8 per group of 128 at decoding (kernel avx512_vnni, llama.cpp's way): the "
            "targets are for 16-bit activations, so this row is beside them, not an answer to them")
-
-
-def int8_activations_run() -> bool:
-    """Whether ``kernel: avx512_vnni`` can run here (AVX-512 with BF16 and VNNI, and a compiler), without building."""
-    from nvila.quant import int4_cpu
-
-    return int4_cpu.missing() is None and int4_cpu.has_vnni()
-
-
+A8_RUNS = int4_cpu.int8_missing() is None
+"""Whether ``kernel: avx512_vnni`` runs here: its rows are measured only where it does."""
 LIMITS_GROUP = "machine limits"
 
 
@@ -329,7 +323,7 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
 COMPILED = " compiled"
 """The suffix of a configuration decoded through ``torch.compile`` (``Engine(compile_decode=True)``)."""
 DECODE_CONFIGS = ("fp32", "bf16", TORCH_INT4, "w4a16", "bf16 compiled", f"{TORCH_INT4} compiled", "w4a16 compiled",
-                  *((INT8_ACTIVATIONS, INT8_ACTIVATIONS + COMPILED) if int8_activations_run() else ()))
+                  *((INT8_ACTIVATIONS, INT8_ACTIVATIONS + COMPILED) if A8_RUNS else ()))
 DECODE_SUMMARY = (
     "Decode tokens/s (`Engine.step`, 16 steps) after each context (a short text prompt; the 896x896 and the "
     "1920x1080 image with a short question, whose visual tokens make attention over the cache count) per "
@@ -426,9 +420,9 @@ def decode(bench: BenchRun, size: str, runs: Sequence[tuple[str | tuple[int, int
                 part = 100 * weight[name] / weight[bf16]
                 notes.append(target_note("weight bytes, % of bf16", part, -30, " %", part <= 30))
             notes.append(target_note("bandwidth share", share, 50, " %", share >= 50))
-            a16 = "w4a16" + (COMPILED if compiled else "")
             if name.startswith(INT8_ACTIVATIONS):
                 notes.append(A8_NOTE)
+                a16 = "w4a16" + (COMPILED if compiled else "")
                 if a16 in here:
                     notes.append(f"against {a16} (16-bit activations): {best[context, a16] / best[context, name]:.2f}×")
             on_torch = TORCH_INT4 + (COMPILED if compiled else "")
@@ -593,7 +587,7 @@ QUALITY_CONFIGS: dict[str, dict[str, Any]] = {
 A8_QUALITY = f"{INT8_ACTIVATIONS} rtn"
 """W4A16 round to nearest with int8 activations at every position (``dense_rows: 0``: teacher-forced, each position
 computes as a decoding step does), against ``w4a16 rtn``; where the kernel runs."""
-if int8_activations_run():
+if A8_RUNS:
     QUALITY_CONFIGS[A8_QUALITY] = {"llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni", "dense_rows": 0}}
 QUALITY_SIZES = {"demo": ("demo", tuple(QUALITY_CONFIGS)),
                  "mid-1tile": ("mid-1tile", ("w8a8 vision", "w8a8 + w4a16 awq", "w8a8 + w4a16 rtn",
@@ -706,12 +700,8 @@ def quality(bench: BenchRun, label: str, size: str, configs: Sequence[str], cali
             quantized = evaluate(model, shards, limit=eval_limit).accuracy
             metrics["held-out accuracy"] = Metric(round(100 * quantized, 2), "%", "higher", "{:.1f}")
             metrics["accuracy drop"] = Metric(round(100 * (accuracy - quantized), 2), "points", None, "{:.1f}")
-        twin = config.replace("awq", "rtn") if config.endswith("awq") else None
-        if config == A8_QUALITY:
-            twin = "w4a16 rtn"
-            notes = [A8_NOTE.replace("at decoding", "at every position")]
-        else:
-            notes = []
+        twin = "w4a16 rtn" if config == A8_QUALITY else config.replace("awq", "rtn") if config.endswith("awq") else None
+        notes = [A8_NOTE.replace("at decoding", "at every position")] if config == A8_QUALITY else []
         record = Record(bench.suite, f"{label} {config}", metrics=metrics, settings=settings, group="quality",
                         baseline=f"{label} {twin}" if twin in configs else None, notes=notes)
         found[config] = (top1, bench.add(record))

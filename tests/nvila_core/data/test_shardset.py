@@ -59,6 +59,7 @@ def test_an_exception_inside_the_writer_deletes_the_shard_being_written(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-000000.tar"]
     assert read_manifest(tmp_path)["complete"] is False
 
+
 def test_an_interrupt_as_the_next_shard_is_opened_deletes_it_too(tmp_path, monkeypatch):
     """Ctrl-C right after a shard is finished lands, often, between `open` creating the next partial file and
     the writer holding it (CI saw it): that file must go as well."""
@@ -72,7 +73,6 @@ def test_an_interrupt_as_the_next_shard_is_opened_deletes_it_too(tmp_path, monke
         monkeypatch.setattr("nvila.core.data.shardset.open", open_then_interrupt, raising=False)
         sink.write(sample(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-000000.tar"]
-
 
 
 def test_a_rerun_removes_only_its_own_leftovers_and_says_so_in_one_line(tmp_path, caplog):
