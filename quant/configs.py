@@ -86,9 +86,10 @@ class W4A16Config:
     kernel: str = "auto"
     """'auto' (CPU: nvila's AVX512-BF16 int4 kernel where the CPU has those instructions, else torch's CPU int4;
     CUDA: tinygemm's tile-packed int4), 'avx512_bf16', 'cpu', 'cuda', or 'reference' (dequantizes at every call:
-    any device, slow). 'avx512_vnni' (asked for by name, never picked by 'auto'): nvila's CPU kernel with the
-    decoding activations rounded to int8 per group of 128, llama.cpp's way; faster, not exact 16-bit activations
-    (groups of 128, AVX512-VNNI)."""
+    any device, slow). 'avx512_vnni' (asked for by name, never picked by 'auto'): nvila's CPU kernel with int8
+    activations, rounded per group of 128 at decoding (llama.cpp's way) and per row at prefill, where the weight is
+    widened to int8 per channel for an int8 GEMM; faster, not exact 16-bit activations (groups of 128,
+    AVX512-VNNI)."""
     dtype: str = "bf16"
     """16-bit dtype of activations, scales and the part's other weights: 'bf16' or 'fp16' (reference kernel only)."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -96,8 +97,8 @@ class W4A16Config:
     output layer, which small models tie to the input embedding)."""
     dense_rows: int | None = None
     """On CPUs, a call with at least this many rows (a prefill) dequantizes the layer to bf16 and runs one dense
-    matmul, which beats an int4 kernel past some rows (int4 kernels are made for decoding); 0 keeps the int4 kernel
-    for every call. None: each kernel's own crossover, measured on one core (32 rows for ``avx512_bf16``, 256 for
+    matmul (``avx512_vnni``: widens it to int8 for an int8 GEMM), which beats an int4 kernel past some rows (int4
+    kernels are made for decoding); 0 keeps the int4 kernel for every call. None: each kernel's own crossover, measured on one core (32 rows for ``avx512_bf16``, 256 for
     torch's ``cpu``)."""
     calib_rows: int = 256
     """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""

@@ -9,7 +9,8 @@ Values follow tinygemm's convention, ``w = (q - 8) * scale + zero`` with ``q`` i
 them as plain tensors (two values a byte); the layer packs them for its device's kernel on first use
 (API notes, section 3): on CPUs with AVX512-BF16, nvila's own kernel reads the plain layout as it is
 (``nvila.quant.int4_cpu``, about 1.4x torch's speed at decoding; ``kernel: avx512_vnni`` rounds the activations
-to int8 per group at decoding, llama.cpp's way, for about 1.2x that kernel's speed on Zen 4); on other CPUs,
+to int8, per group at decoding, llama.cpp's way, for about 1.1x that kernel's speed on Zen 4, and per row at
+prefill for an int8 GEMM, about 1.9x the dequantize-then-bf16 matmul there); on other CPUs,
 torchao's ``Int4OpaqueTensor`` (``PrototypeInt4WeightOnlyConfig``'s layout); the tile-packed tinygemm layout on
 CUDA GPUs of compute capability 8.0 or higher. ``kernel: reference`` dequantizes at every call instead: slow, but it
 runs on any device.
@@ -396,6 +397,10 @@ class Int4WeightOnlyLinear(PackedLinear):
         long = dense_rows and x.numel() // x.shape[-1] >= dense_rows  # prefill-sized: one dense matmul
         if self._running == "cuda":
             weight = packed  # torchao's tensor subclass runs tinygemm
+        elif long and self._running == "avx512_vnni":  # int8 activations at prefill too: an int8 GEMM
+            y = int4_cpu.matmul_int8_gemm(x.reshape(-1, self.in_features), **packed)  # (M, N)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + bias.to(y.dtype) if bias is not None else y
         elif self._running == "reference" or long:
             weight = self.dequantized(packed).to(x.dtype)  # (N, K)
         else:  # decoding on a CPU: the kernel itself (torch's without its tensor subclass's dispatch)

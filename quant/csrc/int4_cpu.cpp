@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -236,6 +237,67 @@ __attribute__((target("avx512vnni"))) void dot_one_a8(const uint8_t* qweight, co
   for (int64_t r = 0; r < Rows; ++r) out[r] = c10::BFloat16(_mm512_reduce_add_ps(total[r]) + offset[r]);
 }
 
+// -- int8 activations at prefill (oneDNN's int8 GEMM) ------------------------------------------------------------
+// Prefill multiplies hundreds of rows by each weight: there it is bound by compute, and an int8 GEMM does twice the
+// products of a bf16 one in the same time. Group scales do not fit a GEMM's single sum over K, so the int4 weight is
+// widened to int8 with one scale per output channel (its largest magnitude over 127, a step about 1/17 of the
+// int4 one: the rounding adds little), and each activation row is rounded to int8 with one scale (per token, as
+// SmoothQuant-style W8A8 does). at::_int_mm multiplies them into int32, and one pass scales that back to bf16.
+
+// The values of 64 nibbles (32 bytes) in column order, as 64 unsigned bytes.
+inline __m512i nibbles_in_order(const uint8_t* bytes) {
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  return _mm512_or_si512(_mm512_and_si512(words, _mm512_set1_epi16(15)),  // column 2j: the low nibble, first byte
+                         _mm512_slli_epi16(_mm512_srli_epi16(words, 4), 8));  // column 2j + 1: the high one
+}
+
+// Round `count` fp32 values (a multiple of 16) times `inverse` to nearest even, as int8 (all within +-127).
+inline void round_to_int8(const float* v, int64_t count, float inverse, int8_t* out) {
+  const __m512 by = _mm512_set1_ps(inverse);
+  for (int64_t i = 0; i < count; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), by))));
+}
+
+// One weight row (K/2 bytes, groups of `group`) as int8 with its own scale: returns the scale.
+float widen_row_to_int8(const uint8_t* bytes, const c10::BFloat16* scales, const c10::BFloat16* zeros, int64_t k,
+                        int64_t group, float* values, int8_t* out) {
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 64) {  // 64 weights, within one group (groups are multiples of 64)
+    const float scale = static_cast<float>(scales[c / group]);
+    const __m512 s = _mm512_set1_ps(scale), base = _mm512_set1_ps(static_cast<float>(zeros[c / group]) - 8.f * scale);
+    alignas(64) uint8_t q[64];
+    _mm512_store_si512(q, nibbles_in_order(bytes + c / 2));
+    for (int64_t i = 0; i < 64; i += 16) {
+      const __m512 w = _mm512_fmadd_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + i)))), s, base);
+      _mm512_storeu_ps(values + c + i, w);
+      top = _mm512_max_ps(top, _mm512_and_ps(w, magnitude));
+    }
+  }
+  const float peak = _mm512_reduce_max_ps(top);
+  const float channel = peak > 0.f ? peak / 127.f : 1.f;
+  round_to_int8(values, k, 1.f / channel, out);
+  return channel;
+}
+
+// One bf16 activation row as int8 with its own scale (largest magnitude over 127): returns the scale.
+float quantize_row_int8(const uint16_t* x, int64_t k, float* values, int8_t* out) {
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    _mm512_storeu_ps(values + i, v);
+    top = _mm512_max_ps(top, _mm512_and_ps(v, magnitude));
+  }
+  const float peak = _mm512_reduce_max_ps(top);
+  const float scale = peak > 0.f ? peak / 127.f : 1.f;
+  round_to_int8(values, k, 1.f / scale, out);
+  return scale;
+}
+
 void check(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
   TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "qweight must be a contiguous (N, K/2) uint8 tensor");
@@ -333,6 +395,52 @@ at::Tensor int4_matmul_a8(const at::Tensor& x, const at::Tensor& qweight, const 
   });
 }
 
+// x (M, K) bf16 times the int4 weight (N, K), both rounded to int8 (x per row, the weight per output channel) and
+// multiplied by oneDNN's int8 GEMM: (M, N) bf16. For prefill-sized M; K a multiple of 64.
+at::Tensor int4_matmul_int8_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                 const at::Tensor& zeros) {
+  check(qweight, scales, zeros);
+  const int64_t n = qweight.size(0), half = qweight.size(1), k = half * 2, group = k / scales.size(1);
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && x.dim() == 2 && x.size(1) == k, "x must be (M, K) bf16");
+  const int64_t m = x.size(0);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor w8 = at::empty({n, k}, qweight.options().dtype(at::kChar));
+  at::Tensor x8 = at::empty({m, k}, w8.options());
+  std::vector<float> channel(n), token(m);
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  int8_t *w8p = w8.data_ptr<int8_t>(), *x8p = x8.data_ptr<int8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> values(k);
+    for (int64_t r = begin; r < end; ++r)
+      channel[r] = widen_row_to_int8(w + r * half, s + r * scales.size(1), z + r * scales.size(1), k, group,
+                                     values.data(), w8p + r * k);
+  });
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> values(k);
+    for (int64_t i = begin; i < end; ++i) token[i] = quantize_row_int8(xs + i * k, k, values.data(), x8p + i * k);
+  });
+  const at::Tensor products = at::_int_mm(x8, w8.t());  // (M, N) int32
+  at::Tensor out = at::empty({m, n}, x.options());
+  const int32_t* acc = products.data_ptr<int32_t>();
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const __m512 row_scale = _mm512_set1_ps(token[i]);
+      int64_t r = 0;
+      for (; r + 16 <= n; r += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i * n + r));
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_loadu_ps(channel.data() + r));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * n + r), (__m256i)_mm512_cvtneps_pbh(scaled));
+      }
+      for (; r < n; ++r) y[i * n + r] = c10::BFloat16(static_cast<float>(acc[i * n + r]) * token[i] * channel[r]);
+    }
+  });
+  return out;
+}
+
 // The int4 weight as a dense (N, K) bf16 matrix, each value computed in fp32 and rounded once.
 at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
   check(qweight, scales, zeros);
@@ -362,10 +470,12 @@ TORCH_LIBRARY(nvila_int4, m) {
   m.def("matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
   m.def("matmul_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("matmul_int8_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nvila_int4, CPU, m) {
   m.impl("matmul", &int4_matmul);
   m.impl("dequantize", &int4_dequantize);
   m.impl("matmul_a8", &int4_matmul_a8);
+  m.impl("matmul_int8_gemm", &int4_matmul_int8_gemm);
 }

@@ -225,6 +225,32 @@ def test_int8_activations_give_the_dequantized_weight_times_the_dequantized_acti
     assert float((out.double() - exact).norm() / exact.norm()) < 0.02  # what int8 activations cost
 
 
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` rounded to int8 with its own scale (its largest magnitude / 127) and back: per-token W8A8
+    activations (or per-channel weights), written from that definition."""
+    scale = x.float().abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x.float() * (1 / scale)).clamp(-127, 127) * scale
+
+
+@VNNI
+@pytest.mark.parametrize("m, n", [(40, 134), (97, 896)])  # an output width that is no multiple of 16; a model's
+def test_the_int8_gemm_of_prefill_multiplies_int8_rows_by_the_weight_widened_to_int8_per_channel(m, n):
+    torch.manual_seed(m + n)
+    k = 640
+    q, scales, zeros = quantize_groups(torch.randn(n, k), 128, torch.bfloat16)
+    x = torch.randn(m, k).bfloat16()
+    x[1] = 0  # a row of zeros: scale 1, nothing divided by zero
+    weight = dequantize_groups(q, scales.float(), zeros.float())  # (N, K) fp32, as the kernel widens it
+    expected = int8_rows(x).double() @ int8_rows(weight).double().t()
+    out = int4_cpu.matmul_int8_gemm(x, pack_nibbles(q), scales, zeros)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert bool(((out.double() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-3 * expected.abs().max()).all())
+    assert not out[1].any()
+    exact = x.double() @ weight.double().t()
+    assert float((out.double() - exact).norm() / exact.norm()) < 0.02  # what int8 rounding costs
+
+
 @VNNI
 def test_the_int8_activation_kernel_is_asked_for_by_name_runs_decoding_and_refuses_what_it_cannot_run(monkeypatch):
     device = torch.device("cpu")
@@ -234,11 +260,11 @@ def test_the_int8_activation_kernel_is_asked_for_by_name_runs_decoding_and_refus
     for kernel, part in parts.items():
         W4A16(W4A16Config(method="rtn", kernel=kernel)).quantize(part)
         with torch.no_grad():
-            out[kernel] = part[0](x), part[0](long)  # 40 rows: the dense bf16 path of either kernel
+            out[kernel] = part[0](x), part[0](long)  # 40 rows: prefill-sized
         assert part[0]._running == kernel
     (a16, a16_long), (a8, a8_long) = out["avx512_bf16"], out["avx512_vnni"]
     assert 0 < float((a8.float() - a16.float()).norm() / a16.float().norm()) < 0.02  # decoding: int8 activations
-    assert torch.equal(a8_long, a16_long)  # prefill: the same bf16 matmul
+    assert 0 < float((a8_long.float() - a16_long.float()).norm() / a16_long.float().norm()) < 0.02  # prefill too
     with pytest.raises(NvilaError, match="per group of 128.*groups of 64; use kernel 'avx512_bf16'"):
         W4A16(W4A16Config(kernel="avx512_vnni", group_size=64)).check_available(device)
     with pytest.raises(NvilaError, match="runs on CPUs, not on meta"):

@@ -50,6 +50,10 @@ def test_time_to_first_token_compares_every_configuration(limits):
     assert w8a8.baseline == "demo 96x64 fp32" and w8a8.ratios["time to first token"] > 0
     assert found["demo 96x64 deployed"].baseline == "demo 96x64 bf16"
     assert any(n.startswith("against fp32") for n in found["demo 96x64 deployed"].notes)
+    if bq.A8_RUNS:  # the whole prefill in int8: its LLM prefill against the int8 limit, beside the target
+        a8 = found[f"demo 96x64 {bq.DEPLOYED_A8}"]
+        assert a8.baseline == "demo 96x64 bf16" and bq.DEPLOYED_A8_NOTE in a8.notes
+        assert a8.value("LLM prefill, share of the int8 limit") > 0
     assert "# nvila bench quant-ttft" in bench.report().markdown()
 
 
@@ -80,10 +84,13 @@ def test_int8_activation_rows_stand_beside_the_targets_with_their_ratio_to_16_bi
     assert a8.settings["kernel"] == "avx512_vnni" and a8.value("decode") > 0 and bq.A8_NOTE in a8.notes
     assert any(n.startswith("against w4a16 (16-bit activations): ") for n in a8.notes)
     bench = run_of("quant-quality", calib=str(synth_data / "train"), held_out=str(synth_data / "val"))
-    bq.run_quality_suite(bench, sizes={"demo": ("demo", ("w4a16 rtn", bq.A8_QUALITY))},
+    bq.run_quality_suite(bench, sizes={"demo": ("demo", ("w4a16 rtn", bq.A8_QUALITY, "w8a8 + w4a16 rtn",
+                                                         bq.DEPLOYED_A8_QUALITY))},
                          runs={"demo": {"calib_samples": 2, "samples": 2, "eval_limit": 2}})
-    quality = records(bench)[f"demo {bq.A8_QUALITY}"]
+    found = records(bench)
+    quality, deployed = found[f"demo {bq.A8_QUALITY}"], found[f"demo {bq.DEPLOYED_A8_QUALITY}"]
     assert quality.baseline == "demo w4a16 rtn" and 0 < quality.value("top-1 agreement") <= 100
+    assert deployed.baseline == "demo w8a8 + w4a16 rtn" and 0 < deployed.value("top-1 agreement") <= 100
 
 
 @pytest.mark.slow

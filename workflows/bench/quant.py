@@ -68,6 +68,11 @@ A8_NOTE = ("activations rounded to int8 per group of 128 at decoding (kernel avx
            "targets are for 16-bit activations, so this row is beside them, not an answer to them")
 A8_RUNS = int4_cpu.int8_missing() is None
 """Whether ``kernel: avx512_vnni`` runs here: its rows are measured only where it does."""
+DEPLOYED_A8 = "deployed-a8"
+"""The deployed mix with the language model on ``kernel: avx512_vnni``: int8 activations at prefill too (an int8
+GEMM over the weight widened to int8), so that the whole prefill runs int8 products."""
+DEPLOYED_A8_NOTE = ("the language model's activations rounded to int8 too (kernel avx512_vnni: per row at prefill, "
+                    "an int8 GEMM): beside the target, which is the W8A8 tower's alone")
 LIMITS_GROUP = "machine limits"
 
 
@@ -116,7 +121,8 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
 def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
     W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), w4a16-torch (the same on torch's CPU int4 kernel),
-    w4a16-a8 (the same with int8 activations at decoding), deployed (W8A8 vision, W4A16 language model)."""
+    w4a16-a8 (the same with int8 activations), deployed (W8A8 vision, W4A16 language model), deployed-a8 (the same
+    with the language model's activations in int8)."""
     out = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -134,6 +140,8 @@ def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dic
             model.quantize({"llm": {**DEPLOYED["llm"], "kernel": "avx512_vnni"}})
         elif name == "deployed":
             model.quantize(DEPLOYED)
+        elif name == DEPLOYED_A8:
+            model.quantize({**DEPLOYED, "llm": {**DEPLOYED["llm"], "kernel": "avx512_vnni"}})
         elif name != "fp32":
             raise NvilaError(f"unknown configuration '{name}'")
         out[name] = model.to(device)  # quantized layers pack for the device on their first forward
@@ -224,14 +232,15 @@ def _int8_peak(m: int, k: int, n: int, repeats: int, device: str = "cpu") -> flo
 
 
 # -- quant-ttft: time to first token --------------------------------------------------------------------------
-TTFT_CONFIGS = ("fp32", "w8a8", "bf16", "w8a8-bf16", "deployed")
-TTFT_BASELINES = {"bf16": "fp32", "w8a8": "fp32", "w8a8-bf16": "bf16", "deployed": "bf16"}
+TTFT_CONFIGS = ("fp32", "w8a8", "bf16", "w8a8-bf16", "deployed", *((DEPLOYED_A8,) if A8_RUNS else ()))
+TTFT_BASELINES = {"bf16": "fp32", "w8a8": "fp32", "w8a8-bf16": "bf16", "deployed": "bf16", DEPLOYED_A8: "bf16"}
 """Each configuration against the unquantized one of its dtype (the deployed mix also against fp32, in a note)."""
 TTFT_SUMMARY = (
     "Time to first token (`Engine.prefill`: vision tower, then the language model's prefill) of one image question "
     "per configuration: fp32; w8a8 = W8A8 vision tower, rest fp32; bf16; w8a8-bf16 = W8A8 tower with its attention "
-    "and norms in bf16, rest bf16; deployed = W8A8 tower + W4A16 language model (round to nearest). Best of the "
-    "rounds, configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster "
+    "and norms in bf16, rest bf16; deployed = W8A8 tower + W4A16 language model (round to nearest); where the "
+    "CPU has AVX512-VNNI, deployed-a8 = the same with the language model's activations in int8 (`kernel: "
+    "avx512_vnni`; at prefill an int8 GEMM over its weights widened to int8 per channel). Best of the rounds, configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster "
     "end to end.")
 
 
@@ -302,11 +311,16 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
             if name in ("bf16", "w8a8-bf16", "deployed"):
                 share = 100 * flops / (total - vision) / peak
                 metrics["LLM prefill, share of the bf16 limit"] = Metric(round(share, 1), "%", format="{:.1f}")
+            elif name == DEPLOYED_A8:
+                share = 100 * flops / (total - vision) / limits.peak["int8"]
+                metrics["LLM prefill, share of the int8 limit"] = Metric(round(share, 1), "%", format="{:.1f}")
             base_name = TTFT_BASELINES.get(name)
             if name.startswith("w8a8") and size == "mid" and base_name in best:
                 ratio = best[base_name][1] / total
                 notes.append(target_note(f"time to first token against {base_name}", ratio, 1.3, "×", ratio >= 1.3))
-            if name == "deployed" and "fp32" in best:
+            if name == DEPLOYED_A8:
+                notes.append(DEPLOYED_A8_NOTE)
+            if name.startswith("deployed") and "fp32" in best:
                 notes.append(f"against fp32: {best['fp32'][1] / total:.2f}×")
             if base_name in best:
                 notes.append(f"vision tower against {base_name}: {best[base_name][0] / vision:.2f}×")
@@ -587,11 +601,17 @@ QUALITY_CONFIGS: dict[str, dict[str, Any]] = {
 A8_QUALITY = f"{INT8_ACTIVATIONS} rtn"
 """W4A16 round to nearest with int8 activations at every position (``dense_rows: 0``: teacher-forced, each position
 computes as a decoding step does), against ``w4a16 rtn``; where the kernel runs."""
+DEPLOYED_A8_QUALITY = f"w8a8 + {INT8_ACTIVATIONS} rtn"
+"""The serving mix of ``deployed-a8`` (the language model's activations in int8: per row at prefill, where every
+teacher-forced position is computed, per group at decoding), against ``w8a8 + w4a16 rtn``; where the kernel runs."""
+A8_TWINS = {A8_QUALITY: "w4a16 rtn", DEPLOYED_A8_QUALITY: "w8a8 + w4a16 rtn"}
 if A8_RUNS:
     QUALITY_CONFIGS[A8_QUALITY] = {"llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni", "dense_rows": 0}}
+    QUALITY_CONFIGS[DEPLOYED_A8_QUALITY] = {"encoder": {"name": "w8a8"},
+                                            "llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni"}}
 QUALITY_SIZES = {"demo": ("demo", tuple(QUALITY_CONFIGS)),
                  "mid-1tile": ("mid-1tile", ("w8a8 vision", "w8a8 + w4a16 awq", "w8a8 + w4a16 rtn",
-                                             *(("w4a16 rtn", A8_QUALITY) if A8_QUALITY in QUALITY_CONFIGS else ())))}
+                                             *(("w4a16 rtn", *A8_TWINS) if A8_RUNS else ())))}
 """Per size: the model, and the configurations (at mid size one AWQ search takes minutes: the serving mix only)."""
 QUALITY_RUNS = {"demo": {"calib_samples": 128, "samples": 64, "eval_limit": 500},
                 "mid-1tile": {"calib_samples": 16, "samples": 16, "eval_limit": 200}}
@@ -602,7 +622,9 @@ QUALITY_SUMMARY = (
     "held-out accuracy by greedy generation (exact match) and its drop. Calibration (AWQ) on --calib, held-out "
     "conversations from --held-out; without them, shards of the synthetic shapes task written for the run. Each "
     "AWQ row against its round-to-nearest twin; where the CPU has AVX512-VNNI, `w4a16-a8 rtn` (int8 activations at "
-    "every position, as `kernel: avx512_vnni` decodes) against `w4a16 rtn`.")
+    "every position, as `kernel: avx512_vnni` decodes) against `w4a16 rtn`, and `w8a8 + w4a16-a8 rtn` (that kernel as it "
+    "serves: int8 activations per row at prefill, which computes every teacher-forced position, and per group at "
+    "decoding) against `w8a8 + w4a16 rtn`.")
 
 
 def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]]] | None = None,
@@ -700,8 +722,9 @@ def quality(bench: BenchRun, label: str, size: str, configs: Sequence[str], cali
             quantized = evaluate(model, shards, limit=eval_limit).accuracy
             metrics["held-out accuracy"] = Metric(round(100 * quantized, 2), "%", "higher", "{:.1f}")
             metrics["accuracy drop"] = Metric(round(100 * (accuracy - quantized), 2), "points", None, "{:.1f}")
-        twin = "w4a16 rtn" if config == A8_QUALITY else config.replace("awq", "rtn") if config.endswith("awq") else None
-        notes = [A8_NOTE.replace("at decoding", "at every position")] if config == A8_QUALITY else []
+        twin = A8_TWINS.get(config) or (config.replace("awq", "rtn") if config.endswith("awq") else None)
+        notes = [A8_NOTE.replace("at decoding", "at every position")] if config == A8_QUALITY else \
+            [DEPLOYED_A8_NOTE] if config == DEPLOYED_A8_QUALITY else []
         record = Record(bench.suite, f"{label} {config}", metrics=metrics, settings=settings, group="quality",
                         baseline=f"{label} {twin}" if twin in configs else None, notes=notes)
         found[config] = (top1, bench.add(record))
