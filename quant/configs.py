@@ -98,8 +98,8 @@ class W4A16Config:
     dense_rows: int | None = None
     """On CPUs, a call with at least this many rows (a prefill) dequantizes the layer to bf16 and runs one dense
     matmul (``avx512_vnni``: widens it to int8 for an int8 GEMM), which beats an int4 kernel past some rows (int4
-    kernels are made for decoding); 0 keeps the int4 kernel for every call. None: each kernel's own crossover, measured on one core (32 rows for ``avx512_bf16``, 256 for
-    torch's ``cpu``)."""
+    kernels are made for decoding); 0 keeps the int4 kernel for every call. None: each kernel's own crossover,
+    measured on one core (32 rows for ``avx512_bf16``, 256 for torch's ``cpu``)."""
     calib_rows: int = 256
     """Input rows per layer that AWQ's search measures the output error on (sampled from all calibration tokens)."""
     awq_grid: int = 20

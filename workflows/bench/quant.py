@@ -240,8 +240,8 @@ TTFT_SUMMARY = (
     "per configuration: fp32; w8a8 = W8A8 vision tower, rest fp32; bf16; w8a8-bf16 = W8A8 tower with its attention "
     "and norms in bf16, rest bf16; deployed = W8A8 tower + W4A16 language model (round to nearest); where the "
     "CPU has AVX512-VNNI, deployed-a8 = the same with the language model's activations in int8 (`kernel: "
-    "avx512_vnni`; at prefill an int8 GEMM over its weights widened to int8 per channel). Best of the rounds, configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster "
-    "end to end.")
+    "avx512_vnni`; at prefill an int8 GEMM over its weights widened to int8 per channel). Best of the rounds, "
+    "configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster end to end.")
 
 
 def ttft_name(size: str, width: int, height: int, config: str) -> str:
@@ -622,9 +622,9 @@ QUALITY_SUMMARY = (
     "held-out accuracy by greedy generation (exact match) and its drop. Calibration (AWQ) on --calib, held-out "
     "conversations from --held-out; without them, shards of the synthetic shapes task written for the run. Each "
     "AWQ row against its round-to-nearest twin; where the CPU has AVX512-VNNI, `w4a16-a8 rtn` (int8 activations at "
-    "every position, as `kernel: avx512_vnni` decodes) against `w4a16 rtn`, and `w8a8 + w4a16-a8 rtn` (that kernel as it "
-    "serves: int8 activations per row at prefill, which computes every teacher-forced position, and per group at "
-    "decoding) against `w8a8 + w4a16 rtn`.")
+    "every position, as `kernel: avx512_vnni` decodes) against `w4a16 rtn`, and `w8a8 + w4a16-a8 rtn` (that kernel "
+    "as it serves: int8 activations per row at prefill, which computes every teacher-forced position, and per group "
+    "at decoding) against `w8a8 + w4a16 rtn`.")
 
 
 def run_quality_suite(bench: BenchRun, sizes: dict[str, tuple[str, Sequence[str]]] | None = None,
