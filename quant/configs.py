@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-W8A8_KERNELS = ("auto", "onednn", "fbgemm", "torchao")
+W8A8_KERNELS = ("auto", "avx512_vnni", "onednn", "fbgemm", "torchao")
 W8A8_DTYPES = ("auto", "fp32", "bf16")
 W4A16_GROUP_SIZES = (32, 64, 128)
 W4A16_METHODS = ("awq", "rtn")
@@ -60,7 +60,9 @@ class W8A8Config:
 
     kernel: str = "auto"
     """'auto' picks by device (CPU with AMX: onednn; other x86 CPUs: fbgemm; CUDA: torchao), or name one of
-    onednn, fbgemm (CPU, torch.ao dynamic int8) or torchao (any device; slow on CPUs)."""
+    onednn, fbgemm (CPU, torch.ao dynamic int8: fp32 in and out, one activation scale a call), avx512_vnni (CPUs
+    with AVX512-VNNI: nvila's int8 linear, bf16 or fp32 in and out, one activation scale a row, oneDNN's int8 GEMM)
+    or torchao (any device; slow on CPUs)."""
     dtype: str = "auto"
     """What the part's other layers (attention, norms, embeddings) compute in: 'fp32', 'bf16', or 'auto': bf16
     where this CPU has bf16 matrix instructions (AVX512-BF16, AMX), else fp32 (bf16 is 6.7x slower than fp32

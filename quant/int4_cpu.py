@@ -10,9 +10,10 @@ prefill-sized calls) is a plain pass over the bytes, about 13x faster than readi
 The ops, ``torch.ops.nvila_int4.matmul(x, qweight, scales, zeros)``, ``...dequantize(qweight, scales, zeros)``,
 ``...matmul_a8`` (the product with int8 activations, where the CPU has AVX512-VNNI: ``kernel: avx512_vnni``,
 1.1-1.2x the speed of ``matmul`` at decoding on Zen 4, at a cost in exactness that ``nvila bench quant-quality``
-measures) and ``...matmul_int8_gemm`` (that kernel's prefill: an int8 GEMM), are compiled with torch's C++
-extension builder (a C++ compiler and ninja; about 8 s once, then cached under ``TORCH_EXTENSIONS_DIR``) and
-registered with fake tensors, so a compiled decoding step calls them as it calls any aten op.
+measures) and ``...widen_to_int8`` (that kernel's prefill: int8 weights for an int8 GEMM), are compiled with
+torch's C++ extension builder (a C++ compiler and ninja; about 8 s once, then cached under
+``TORCH_EXTENSIONS_DIR``) and registered with fake tensors, so a compiled decoding step calls them as it calls any
+aten op.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], qweight.shape[0])
 
-    @torch.library.register_fake("nvila_int4::matmul_int8_gemm")
-    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], qweight.shape[0])
+    @torch.library.register_fake("nvila_int4::widen_to_int8")
+    def _(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = qweight.shape[0]
+        return qweight.new_empty(n, qweight.shape[1] * 2, dtype=torch.int8), scales.new_empty(n, dtype=torch.float32)
 
     @torch.library.register_fake("nvila_int4::dequantize")
     def _(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,15 @@ def matmul_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 
 def matmul_int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """:func:`matmul` for prefill-sized ``x`` through an int8 GEMM (``torch._int_mm``, oneDNN): the weight widened to
-    int8 per output channel, each row of ``x`` rounded to int8 with one scale. About 1.9x the dequantize-then-bf16
-    path at a thousand rows on Zen 4, with int8 rounding's error (about 1 % of the output's norm on random data)."""
-    return torch.ops.nvila_int4.matmul_int8_gemm(x, qweight, scales, zeros)
+    """:func:`matmul` for prefill-sized ``x`` through an int8 GEMM: the weight widened to int8 per output channel,
+    each row of ``x`` rounded to int8 with one scale (:func:`nvila.quant.int8_cpu.linear`). About 1.9x the
+    dequantize-then-bf16 path at a thousand rows on Zen 4, with int8 rounding's error (about 1 % of the output's
+    norm on random data)."""
+    from nvila.quant import int8_cpu
+
+    int8_cpu.load()  # built once; then a flag's check
+    weight, weight_scale = torch.ops.nvila_int4.widen_to_int8(qweight, scales, zeros)
+    return int8_cpu.linear(x, weight, weight_scale)
 
 
 def has_vnni() -> bool:
@@ -87,6 +94,8 @@ def has_vnni() -> bool:
 
 def int8_missing() -> str | None:
     """Why :func:`matmul_a8` cannot run here (what the machine lacks), without building anything; None if it can."""
-    if (reason := missing()) is not None:
+    from nvila.quant import int8_cpu
+
+    if (reason := missing() or int8_cpu.missing()) is not None:
         return reason
     return None if has_vnni() else "this CPU has no AVX512-VNNI instructions (the int8 dot products)"

@@ -29,7 +29,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
-from nvila.quant import int4_cpu
+from nvila.quant import int4_cpu, int8_cpu
 from nvila.quant.configs import W4A16Config
 from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
 
@@ -73,6 +73,7 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bf
             raise NvilaError(f"W4A16 kernel 'avx512_vnni' rounds activations to int8 per group of 128, and this "
                              f"checkpoint has groups of {group_size}; use kernel 'avx512_bf16' or 'auto'.")
         int4_cpu.load()
+        int8_cpu.load()  # its prefill's int8 GEMM
         if not int4_cpu.has_vnni():
             raise NvilaError("W4A16 kernel 'avx512_vnni' needs a CPU with AVX512-VNNI (its int8 dot products); use "
                              "kernel 'avx512_bf16' or 'auto'.")

@@ -5,14 +5,17 @@ compute-bound: int8 matrix units do it at up to 4x the fp32 rate. Weights are in
 (symmetric, scale = max |w| / 127); activations are quantized per call, so no calibration is needed.
 
 The kernel is picked for the device the layer runs on (shared API notes, section 4, and ``nvila bench quant-ttft``):
-on CPUs ``torch.ao``'s dynamic int8 linear, through oneDNN where the CPU has AMX int8 tiles (Sapphire Rapids
-and later: about 10x fp32 at 256 rows) and through fbgemm on other x86 CPUs (4.9x fp32 at one row, 1.6x at 256
-rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU, 25x slower than fp32 at 256
-rows, so ``auto`` never picks it there; ``kernel: torchao`` asks for it.
+on CPUs with AMX int8 tiles (Sapphire Rapids and later) ``torch.ao``'s dynamic int8 linear through oneDNN (about
+10x fp32 at 256 rows); on other x86 CPUs with AVX512-VNNI nvila's own int8 linear (``avx512_vnni``,
+:mod:`nvila.quant.int8_cpu`: one activation scale per row, oneDNN's int8 GEMM, bias and a following GELU applied
+in the pass that scales the output); elsewhere ``torch.ao``'s dynamic int8 linear through fbgemm (4.9x fp32 at one
+row, 1.6x at 256 rows on AVX2); torchao's ``Int8Tensor`` on CUDA. torchao's path also runs on a CPU, 25x slower
+than fp32 at 256 rows, so ``auto`` never picks it there; ``kernel: torchao`` asks for it.
 
-The CPU kernels take and return fp32. On CPUs with bf16 units the rest of the tower computes in bf16
-(``dtype: auto``), and converting activations around every linear then costs about what int8 saves over a
-bf16 GEMM: there a W8A8 tower beats an fp32 one by 2.5x but not a bf16 one (docs/benchmarks.md).
+torch.ao's CPU kernels take and return fp32 and round a whole call's activations with one scale. On CPUs with
+bf16 units the rest of the tower computes in bf16 (``dtype: auto``), and converting activations around every
+linear then costs much of what int8 saves over a bf16 GEMM; nvila's kernel takes and returns bf16 instead
+(docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
+from nvila.quant import int8_cpu
 from nvila.quant.configs import W8A8Config
 from nvila.quant.packed_linear import PackedLinear, linear_layers, replace_layer
 
@@ -55,7 +59,9 @@ def pick_kernel(kernel: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "torchao"
         if device.type == "cpu":
-            return "onednn" if cpu_has("amx") else "fbgemm" if is_x86() else "onednn"
+            if cpu_has("amx") or not is_x86():
+                return "onednn"
+            return "avx512_vnni" if cpu_has("vnni") and int8_cpu.available() else "fbgemm"
         raise NvilaError(f"W8A8 has no kernel for {device.type} devices: it runs on CPUs (torch.ao dynamic int8) and "
                          "CUDA GPUs (torchao). Set `kernel: torchao` to try torchao's portable path there, or serve "
                          "the vision tower unquantized (drop quant.encoder).")
@@ -68,6 +74,13 @@ def pick_kernel(kernel: str, device: torch.device) -> str:
                              f"{', '.join(torch.backends.quantized.supported_engines)}); use kernel 'auto'.")
         if kernel == "fbgemm" and not is_x86():
             raise NvilaError("W8A8 kernel 'fbgemm' needs an x86 CPU; use 'onednn' (or 'auto') on this one.")
+    if kernel == "avx512_vnni":
+        if device.type != "cpu":
+            raise NvilaError(f"W8A8 kernel 'avx512_vnni' runs on CPUs, not on {device}; use kernel 'auto'.")
+        int8_cpu.load()  # NvilaError naming what the machine lacks, and kernel 'auto'
+        if not cpu_has("vnni"):
+            raise NvilaError("W8A8 kernel 'avx512_vnni' needs a CPU with AVX512-VNNI (its int8 dot products); use "
+                             "kernel 'auto'.")
     if kernel == "torchao" and device.type == "cuda" and not torch.cuda.is_available():
         raise NvilaError("W8A8 on CUDA needs a CUDA GPU, and this machine has none; serve on the CPU (kernel 'auto').")
     return kernel
@@ -85,23 +98,29 @@ def quantized_engine(engine: str) -> Iterator[None]:
 
 
 class Int8DynamicLinear(PackedLinear):
-    """``y = quant(x) @ W_int8^T * scales + b``, activations quantized to int8 per call."""
+    """``y = act(quant(x) @ W_int8^T * scales + b)``, activations quantized to int8 per call (or per row).
+
+    ``activation`` ('none' or 'gelu_tanh') is the activation that followed the layer in the model, taken into it
+    (:func:`fuse_activations`): the ``avx512_vnni`` kernel applies it in the pass that scales the output.
+    """
 
     PACKED = ("weight", "weight_scale")
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", activation: str = "none") -> None:
         super().__init__(weight.shape[1], weight.shape[0])
         self.register_buffer("weight", weight)  # (N, K) int8
         self.register_buffer("weight_scale", weight_scale)  # (N,) float32
         self.register_buffer("bias", bias)  # (N,) or None
-        self.kernel = kernel
+        self.kernel, self.activation = kernel, activation
         self._running: str | None = None  # the kernel the packed form is for
 
     def pack(self, plain: dict[str, torch.Tensor]) -> Any:
         q, scale = plain["weight"], plain["weight_scale"].float()
         kernel = pick_kernel(self.kernel, q.device)
         self._running = kernel
+        if kernel == "avx512_vnni":  # nvila's int8 linear reads the plain layout
+            return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}
         if kernel == "torchao":
             from nvila.quant._torchao import int8_dynamic
 
@@ -117,6 +136,8 @@ class Int8DynamicLinear(PackedLinear):
             return torch.ops.quantized.linear_prepack(qweight, bias)
 
     def unpack(self, packed: Any) -> dict[str, torch.Tensor]:
+        if self._running == "avx512_vnni":
+            return dict(packed)
         if self._running == "torchao":
             from nvila.quant._torchao import int8_dynamic_parts
 
@@ -126,13 +147,23 @@ class Int8DynamicLinear(PackedLinear):
         return {"weight": qweight.int_repr().contiguous(), "weight_scale": qweight.q_per_channel_scales().float()}
 
     def matmul(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        if self._running == "avx512_vnni":  # bf16 or fp32 in and out, activations rounded per row; one output pass
+            rows = x.reshape(-1, x.shape[-1])
+            rows = rows if rows.dtype in (torch.bfloat16, torch.float32) else rows.float()
+            bias = self.bias.float() if self.bias is not None else None
+            y = int8_cpu.linear(rows, **packed, bias=bias, activation=self.activation)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self._running == "torchao":
-            return nn.functional.linear(x, packed, self.bias.to(x.dtype) if self.bias is not None else None)
+            y = nn.functional.linear(x, packed, self.bias.to(x.dtype) if self.bias is not None else None)
+            return self._activate(y)
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K): the dynamic kernels take fp32
         # fbgemm without VNNI saturates 8-bit products in 16 bits: quantize activations to 7 bits there
         reduce_range = self._running == "fbgemm" and not cpu_has("vnni")
         y = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)  # (M, N)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._activate(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(y, approximate="tanh") if self.activation == "gelu_tanh" else y
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +172,34 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)  # (N,)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
     return q, scale
+
+
+def is_gelu_tanh(module: nn.Module) -> bool:
+    """Whether ``module`` computes GELU with tanh's approximation, by probing it (transformers names the class
+    differently across versions): within fp32 rounding of torch's on values from -8 to 8."""
+    if any(True for _ in module.parameters()):
+        return False
+    probe = torch.linspace(-8, 8, 257)
+    try:
+        out = module(probe)
+    except Exception:  # not an elementwise activation
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape and \
+        torch.allclose(out, nn.functional.gelu(probe, approximate="tanh"), rtol=1e-5, atol=1e-6)
+
+
+def fuse_activations(part: nn.Module) -> list[str]:
+    """Take a GELU-tanh that follows a quantized layer into it (modules with ``fc1``, ``activation_fn`` and ``fc2``, as
+    SigLIP's MLP): ``fc1`` then applies it in the pass that scales its output, and ``activation_fn`` becomes an
+    identity. Returns the modules changed. It saves a pass over the widest activations of the tower."""
+    fused = []
+    for name, module in part.named_modules():
+        first, act = getattr(module, "fc1", None), getattr(module, "activation_fn", None)
+        if isinstance(first, Int8DynamicLinear) and first.activation == "none" and isinstance(act, nn.Module) and \
+                hasattr(module, "fc2") and is_gelu_tanh(act):
+            first.activation, module.activation_fn = "gelu_tanh", nn.Identity()
+            fused.append(name)
+    return fused
 
 
 class W8A8(Quantizer):
@@ -158,6 +217,7 @@ class W8A8(Quantizer):
             q, scale = quantize_int8(layer.weight)
             bias = layer.bias.detach().float().clone() if layer.bias is not None else None
             replace_layer(part, name, Int8DynamicLinear(q, scale, bias, self.config.kernel))
+        fuse_activations(part)
         dtype = self.config.dtype
         if dtype == "bf16" or (dtype == "auto" and (cpu_has("bf16") or cpu_has("amx"))):
             for param in part.parameters():  # the rest of the tower: bf16 matrix units do attention too

@@ -14,7 +14,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -23,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -237,12 +237,11 @@ __attribute__((target("avx512vnni"))) void dot_one_a8(const uint8_t* qweight, co
   for (int64_t r = 0; r < Rows; ++r) out[r] = c10::BFloat16(_mm512_reduce_add_ps(total[r]) + offset[r]);
 }
 
-// -- int8 activations at prefill (oneDNN's int8 GEMM) ------------------------------------------------------------
+// -- int8 weights for prefill's int8 GEMM ---------------------------------------------------------------------------
 // Prefill multiplies hundreds of rows by each weight: there it is bound by compute, and an int8 GEMM does twice the
 // products of a bf16 one in the same time. Group scales do not fit a GEMM's single sum over K, so the int4 weight is
-// widened to int8 with one scale per output channel (its largest magnitude over 127, a step about 1/17 of the
-// int4 one: the rounding adds little), and each activation row is rounded to int8 with one scale (per token, as
-// SmoothQuant-style W8A8 does). at::_int_mm multiplies them into int32, and one pass scales that back to bf16.
+// widened to int8 with one scale per output channel (its largest magnitude over 127, a step about 1/17 of the int4
+// one: the rounding adds little); nvila_int8::linear (int8_cpu.cpp) rounds the activations per row and multiplies.
 
 // The values of 64 nibbles (32 bytes) in column order, as 64 unsigned bytes.
 inline __m512i nibbles_in_order(const uint8_t* bytes) {
@@ -280,22 +279,6 @@ float widen_row_to_int8(const uint8_t* bytes, const c10::BFloat16* scales, const
   const float channel = peak > 0.f ? peak / 127.f : 1.f;
   round_to_int8(values, k, 1.f / channel, out);
   return channel;
-}
-
-// One bf16 activation row as int8 with its own scale (largest magnitude over 127): returns the scale.
-float quantize_row_int8(const uint16_t* x, int64_t k, float* values, int8_t* out) {
-  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  __m512 top = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-    _mm512_storeu_ps(values + i, v);
-    top = _mm512_max_ps(top, _mm512_and_ps(v, magnitude));
-  }
-  const float peak = _mm512_reduce_max_ps(top);
-  const float scale = peak > 0.f ? peak / 127.f : 1.f;
-  round_to_int8(values, k, 1.f / scale, out);
-  return scale;
 }
 
 void check(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros) {
@@ -395,50 +378,25 @@ at::Tensor int4_matmul_a8(const at::Tensor& x, const at::Tensor& qweight, const 
   });
 }
 
-// x (M, K) bf16 times the int4 weight (N, K), both rounded to int8 (x per row, the weight per output channel) and
-// multiplied by oneDNN's int8 GEMM: (M, N) bf16. For prefill-sized M; K a multiple of 64.
-at::Tensor int4_matmul_int8_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                 const at::Tensor& zeros) {
+// The int4 weight (N, K) widened to int8 with one scale per output channel, for an int8 GEMM (nvila_int8::linear):
+// (N, K) int8 and (N,) fp32. K a multiple of 64.
+std::tuple<at::Tensor, at::Tensor> int4_widen_to_int8(const at::Tensor& qweight, const at::Tensor& scales,
+                                                      const at::Tensor& zeros) {
   check(qweight, scales, zeros);
-  const int64_t n = qweight.size(0), half = qweight.size(1), k = half * 2, group = k / scales.size(1);
-  TORCH_CHECK(x.dtype() == at::kBFloat16 && x.dim() == 2 && x.size(1) == k, "x must be (M, K) bf16");
-  const int64_t m = x.size(0);
-  const at::Tensor xc = x.contiguous();
+  const int64_t n = qweight.size(0), half = qweight.size(1), k = half * 2, groups = scales.size(1);
   at::Tensor w8 = at::empty({n, k}, qweight.options().dtype(at::kChar));
-  at::Tensor x8 = at::empty({m, k}, w8.options());
-  std::vector<float> channel(n), token(m);
+  at::Tensor channel = at::empty({n}, scales.options().dtype(at::kFloat));
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
   const c10::BFloat16* z = zeros.data_ptr<c10::BFloat16>();
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  int8_t *w8p = w8.data_ptr<int8_t>(), *x8p = x8.data_ptr<int8_t>();
+  int8_t* out = w8.data_ptr<int8_t>();
+  float* c = channel.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> values(k);
     for (int64_t r = begin; r < end; ++r)
-      channel[r] = widen_row_to_int8(w + r * half, s + r * scales.size(1), z + r * scales.size(1), k, group,
-                                     values.data(), w8p + r * k);
+      c[r] = widen_row_to_int8(w + r * half, s + r * groups, z + r * groups, k, k / groups, values.data(), out + r * k);
   });
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> values(k);
-    for (int64_t i = begin; i < end; ++i) token[i] = quantize_row_int8(xs + i * k, k, values.data(), x8p + i * k);
-  });
-  const at::Tensor products = at::_int_mm(x8, w8.t());  // (M, N) int32
-  at::Tensor out = at::empty({m, n}, x.options());
-  const int32_t* acc = products.data_ptr<int32_t>();
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const __m512 row_scale = _mm512_set1_ps(token[i]);
-      int64_t r = 0;
-      for (; r + 16 <= n; r += 16) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i * n + r));
-        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_loadu_ps(channel.data() + r));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * n + r), (__m256i)_mm512_cvtneps_pbh(scaled));
-      }
-      for (; r < n; ++r) y[i * n + r] = c10::BFloat16(static_cast<float>(acc[i * n + r]) * token[i] * channel[r]);
-    }
-  });
-  return out;
+  return {w8, channel};
 }
 
 // The int4 weight as a dense (N, K) bf16 matrix, each value computed in fp32 and rounded once.
@@ -470,12 +428,12 @@ TORCH_LIBRARY(nvila_int4, m) {
   m.def("matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
   m.def("matmul_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
-  m.def("matmul_int8_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("widen_to_int8(Tensor qweight, Tensor scales, Tensor zeros) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nvila_int4, CPU, m) {
   m.impl("matmul", &int4_matmul);
   m.impl("dequantize", &int4_dequantize);
   m.impl("matmul_a8", &int4_matmul_a8);
-  m.impl("matmul_int8_gemm", &int4_matmul_int8_gemm);
+  m.impl("widen_to_int8", &int4_widen_to_int8);
 }

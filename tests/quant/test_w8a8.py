@@ -6,11 +6,13 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from nvila.core.errors import NvilaError
-from nvila.quant import w8a8
+from nvila.quant import int8_cpu, w8a8
 from nvila.quant.w8a8 import W8A8, Int8DynamicLinear, W8A8Config, pick_kernel, quantize_int8
 
 CPU_KERNELS = [k for k in ("onednn", "fbgemm", "torchao")
                if k == "torchao" or k in torch.backends.quantized.supported_engines]
+if int8_cpu.missing() is None and w8a8.cpu_has("vnni"):
+    CPU_KERNELS.append("avx512_vnni")
 
 
 def mlp() -> nn.Module:
@@ -58,10 +60,14 @@ def test_state_dict_is_plain_and_survives_packing_saving_and_moving(kernel, tmp_
     assert not part[0].is_packed and torch.equal(part(x), out)
 
 
-def test_auto_picks_onednn_where_the_cpu_has_amx_and_fbgemm_elsewhere(monkeypatch):
+def test_auto_picks_onednn_with_amx_nvilas_kernel_with_vnni_and_fbgemm_elsewhere(monkeypatch):
     monkeypatch.setattr(w8a8, "is_x86", lambda: True)
-    monkeypatch.setattr(w8a8, "cpu_has", lambda feature: feature == "amx")
+    monkeypatch.setattr(w8a8, "cpu_has", lambda feature: feature in ("amx", "vnni"))
     assert pick_kernel("auto", torch.device("cpu")) == "onednn"
+    monkeypatch.setattr(w8a8, "cpu_has", lambda feature: feature == "vnni")
+    assert pick_kernel("auto", torch.device("cpu")) == ("avx512_vnni" if int8_cpu.available() else "fbgemm")
+    monkeypatch.setattr(int8_cpu, "available", lambda: False)  # no compiler, or torch at AVX2
+    assert pick_kernel("auto", torch.device("cpu")) == "fbgemm"
     monkeypatch.setattr(w8a8, "cpu_has", lambda feature: False)
     assert pick_kernel("auto", torch.device("cpu")) == "fbgemm"
     monkeypatch.setattr(w8a8, "is_x86", lambda: False)
@@ -118,3 +124,50 @@ def test_auto_dtype_follows_the_cpus_bf16_instructions(monkeypatch):
     part = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     W8A8(W8A8Config()).quantize(part)
     assert part[1].weight.dtype == torch.float32
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row rounded to int8 with its own scale (its largest magnitude / 127; times its inverse, as kernels
+    multiply) and back, from that definition."""
+    scale = x.float().abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x.float() * (1 / scale)).clamp(-127, 127) * scale
+
+
+@pytest.mark.skipif(int8_cpu.missing() is not None or not w8a8.cpu_has("vnni"),
+                    reason=f"nvila's int8 linear: {int8_cpu.missing() or 'no AVX512-VNNI'}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_nvilas_int8_linear_rounds_each_row_and_applies_bias_and_activation_in_one_pass(dtype, activation):
+    torch.manual_seed(0)
+    x, weight = torch.randn(37, 200).to(dtype), torch.randn(50, 200)  # K and N no multiples of 16
+    x[3] = 0  # a row of zeros: scale 1, nothing divided by zero
+    q, scale = quantize_int8(weight)
+    bias = torch.randn(50)
+    out = int8_cpu.linear(x, q, scale, bias, activation)
+    expected = int8_rows(x).double() @ (q.double() * scale.double()[:, None]).t() + bias.double()
+    if activation == "gelu_tanh":
+        expected = nn.functional.gelu(expected, approximate="tanh")
+    assert out.dtype == dtype and out.shape == (37, 50)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
+    assert ((out.double() - expected).abs() <= expected.abs() * ulp + 1e-4).all()
+
+
+def test_a_gelu_after_a_quantized_layer_is_taken_into_it_as_siglips_mlp_has_it():
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+    config = SiglipVisionConfig(hidden_size=64, intermediate_size=96)  # hidden_act: gelu_pytorch_tanh
+    torch.manual_seed(0)
+    reference, x = SiglipMLP(config).eval(), torch.randn(2, 9, 64)
+    with torch.no_grad():
+        expected = reference(x)
+    for kernel in CPU_KERNELS:  # every kernel takes it: nvila's in its output pass, the others right after
+        mlp_ = SiglipMLP(config).eval()
+        mlp_.load_state_dict(reference.state_dict())
+        W8A8(W8A8Config(kernel=kernel)).quantize(mlp_)
+        assert mlp_.fc1.activation == "gelu_tanh" and isinstance(mlp_.activation_fn, nn.Identity)
+        assert mlp_.fc2.activation == "none"
+        with torch.no_grad():
+            assert (mlp_(x) - expected).norm() / expected.norm() < 0.03, kernel
+    assert not w8a8.is_gelu_tanh(nn.GELU()) and w8a8.is_gelu_tanh(nn.GELU(approximate="tanh"))

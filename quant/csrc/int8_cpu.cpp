@@ -1,0 +1,161 @@
+// W8A8 on x86 CPUs with AVX-512: y = x @ W^T with x rounded to int8 per row (per token) and W stored as int8 per
+// output channel, multiplied by oneDNN's int8 GEMM (at::_int_mm, int32 sums) and scaled back in one pass.
+//
+// Why not torch.ao's dynamic int8 linear (quantized::linear_dynamic): it takes and returns fp32, so a bf16 model
+// converts every activation twice around it, and it rounds a whole call's activations with one scale, where one
+// scale per row keeps small rows from losing their precision to a large one (SmoothQuant-style W8A8 does the same).
+// Here bf16 or fp32 goes in and comes out, rounding and scaling are vectorized passes over the rows, and the GEMM is
+// oneDNN's (VNNI's int8 dot products where the CPU has them).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+// The first `count` (1 to 16) values of a row as fp32 (the rest zero), from bf16 bits or fp32.
+inline __m512 load16(const c10::BFloat16* x, __mmask16 count) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(count, x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const float* x, __mmask16 count) { return _mm512_maskz_loadu_ps(count, x); }
+
+// 16 fp32 values stored as bf16 (rounded to nearest even; finite values) or as fp32.
+inline void store16(c10::BFloat16* y, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(rounded));
+}
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+
+// exp(v) for v in fp32 (inputs below -87 give 0, above 88 give +inf's neighbourhood clamped): 2^n * p(r), with
+// r = v - n ln 2 in [-ln 2 / 2, ln 2 / 2] and p a degree-6 Taylor polynomial (relative error below 2e-7).
+inline __m512 exp16(__m512 v) {
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), v);  // ln 2 in two parts: exact products
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU with tanh's approximation, 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3):
+// what SigLIP's MLP applies after its first layer (transformers' gelu_pytorch_tanh).
+inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), _mm512_set1_ps(0.044715f), x),
+                                 _mm512_set1_ps(-1.5957691216f));  // -2u
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u)));
+}
+
+inline float gelu_tanh(float x) { return 0.5f * x * (1.f + std::tanh(0.7978845608f * (x + 0.044715f * x * x * x))); }
+
+inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
+
+// One row of K values as int8 with its own scale (its largest magnitude over 127, round half to even): returns the
+// scale.
+template <typename T>
+float quantize_row(const T* x, int64_t k, int8_t* out) {
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) top = _mm512_max_ps(top, _mm512_and_ps(load16(x + i, first(k - i)), magnitude));
+  const float peak = _mm512_reduce_max_ps(top);
+  const float scale = peak > 0.f ? peak / 127.f : 1.f;
+  const __m512 inverse = _mm512_set1_ps(1.f / scale);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 count = first(k - i);
+    _mm_mask_storeu_epi8(out + i, count,
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x + i, count), inverse))));
+  }
+  return scale;
+}
+
+// y = (x8 @ w8^T) * row scale * channel scale + bias, then the activation (none or GELU-tanh), in T.
+template <typename T, bool Gelu>
+void linear_rows(const T* x, const at::Tensor& weight, const float* channel, const float* bias, int64_t m, T* y) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  at::Tensor x8 = at::empty({m, k}, weight.options());
+  std::vector<float> token(m);
+  int8_t* x8p = x8.data_ptr<int8_t>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) token[i] = quantize_row(x + i * k, k, x8p + i * k);
+  });
+  const at::Tensor products = at::_int_mm(x8, weight.t());  // (M, N) int32
+  const int32_t* acc = products.data_ptr<int32_t>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const __m512 row_scale = _mm512_set1_ps(token[i]);
+      int64_t r = 0;
+      for (; r + 16 <= n; r += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i * n + r));
+        __m512 out = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_loadu_ps(channel + r));
+        if (bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + r));
+        store16(y + i * n + r, Gelu ? gelu_tanh16(out) : out);
+      }
+      for (; r < n; ++r) {
+        const float out = static_cast<float>(acc[i * n + r]) * token[i] * channel[r] + (bias ? bias[r] : 0.f);
+        y[i * n + r] = T(Gelu ? gelu_tanh(out) : out);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void dispatch(const T* x, const at::Tensor& weight, const float* channel, const float* bias, bool gelu, int64_t m,
+              T* y) {
+  if (gelu)
+    linear_rows<T, true>(x, weight, channel, bias, m, y);
+  else
+    linear_rows<T, false>(x, weight, channel, bias, m, y);
+}
+
+// x (M, K) bf16 or fp32 (any K) times the int8 weight (N, K) with its per-channel scales (N,) fp32, plus the bias
+// (N,) fp32 if given, then the activation ('none' or 'gelu_tanh'): (M, N) in x's dtype.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  TORCH_CHECK(weight.dtype() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous (N, K) int8 tensor");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(weight_scale.dtype() == at::kFloat && weight_scale.is_contiguous() && weight_scale.numel() == n,
+              "weight_scale must be (N,) float32");
+  TORCH_CHECK(!bias.has_value() || (bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
+              "bias must be (N,) float32");
+  TORCH_CHECK(activation == "none" || activation == "gelu_tanh", "activation must be 'none' or 'gelu_tanh'");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && (x.dtype() == at::kBFloat16 || x.dtype() == at::kFloat),
+              "x must be (M, K) bf16 or float32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = x.size(0);
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const bool gelu = activation == "gelu_tanh";
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (x.dtype() == at::kBFloat16)
+    dispatch(xc.data_ptr<c10::BFloat16>(), weight, weight_scale.data_ptr<float>(), b, gelu, m,
+             out.data_ptr<c10::BFloat16>());
+  else
+    dispatch(xc.data_ptr<float>(), weight, weight_scale.data_ptr<float>(), b, gelu, m, out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY(nvila_int8, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, str activation='none') -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nvila_int8, CPU, m) { m.impl("linear", &int8_linear); }
