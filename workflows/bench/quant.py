@@ -36,7 +36,7 @@ from PIL import Image
 from nvila.core.engine import ChatRequest, Engine
 from nvila.core.errors import NvilaError
 from nvila.core.model import NvilaModel
-from nvila.quant import int4_cpu
+from nvila.quant import int4_cpu, w8a8
 from nvila.quant.w4a16 import Int4WeightOnlyLinear
 from nvila.workflows.bench.measure import Stopwatch, synchronize, time_call
 from nvila.workflows.bench.record import Metric, Record
@@ -68,6 +68,11 @@ A8_NOTE = ("activations rounded to int8 per group of 128 at decoding (kernel avx
            "targets are for 16-bit activations, so this row is beside them, not an answer to them")
 A8_RUNS = int4_cpu.int8_missing() is None
 """Whether ``kernel: avx512_vnni`` runs here: its rows are measured only where it does."""
+W8A8_TORCH_AO = "w8a8-bf16-fbgemm"
+"""The W8A8 tower on torch.ao's dynamic int8 linear (fbgemm: fp32 in and out, one activation scale a call), beside
+``w8a8-bf16`` where ``auto`` picks nvila's own int8 linear instead."""
+W8A8_OWN_KERNEL = A8_RUNS and not w8a8.cpu_has("amx")
+"""Whether W8A8's ``auto`` picks nvila's int8 linear here (AVX512-VNNI, no AMX; told without building it)."""
 DEPLOYED_A8 = "deployed-a8"
 """The deployed mix with the language model on ``kernel: avx512_vnni``: int8 activations at prefill too (an int8
 GEMM over the weight widened to int8), so that the whole prefill runs int8 products."""
@@ -132,6 +137,8 @@ def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dic
             model.quantize({"encoder": {"name": "w8a8", "dtype": "fp32"}})
         elif name == "w8a8-bf16":
             to_bf16(model).quantize({"encoder": {"name": "w8a8", "dtype": "bf16"}})
+        elif name == W8A8_TORCH_AO:
+            to_bf16(model).quantize({"encoder": {"name": "w8a8", "dtype": "bf16", "kernel": "fbgemm"}})
         elif name == "w4a16":
             model.quantize({"llm": DEPLOYED["llm"]})
         elif name == TORCH_INT4:
@@ -232,13 +239,16 @@ def _int8_peak(m: int, k: int, n: int, repeats: int, device: str = "cpu") -> flo
 
 
 # -- quant-ttft: time to first token --------------------------------------------------------------------------
-TTFT_CONFIGS = ("fp32", "w8a8", "bf16", "w8a8-bf16", "deployed", *((DEPLOYED_A8,) if A8_RUNS else ()))
-TTFT_BASELINES = {"bf16": "fp32", "w8a8": "fp32", "w8a8-bf16": "bf16", "deployed": "bf16", DEPLOYED_A8: "bf16"}
+TTFT_CONFIGS = ("fp32", "w8a8", "bf16", "w8a8-bf16", *((W8A8_TORCH_AO,) if W8A8_OWN_KERNEL else ()), "deployed",
+                *((DEPLOYED_A8,) if A8_RUNS else ()))
+TTFT_BASELINES = {"bf16": "fp32", "w8a8": "fp32", "w8a8-bf16": "bf16", W8A8_TORCH_AO: "bf16", "deployed": "bf16",
+                  DEPLOYED_A8: "bf16"}
 """Each configuration against the unquantized one of its dtype (the deployed mix also against fp32, in a note)."""
 TTFT_SUMMARY = (
     "Time to first token (`Engine.prefill`: vision tower, then the language model's prefill) of one image question "
     "per configuration: fp32; w8a8 = W8A8 vision tower, rest fp32; bf16; w8a8-bf16 = W8A8 tower with its attention "
-    "and norms in bf16, rest bf16; deployed = W8A8 tower + W4A16 language model (round to nearest); where the "
+    "and norms in bf16, rest bf16 (where `auto` picks nvila's int8 linear, also w8a8-bf16-fbgemm = the same on "
+    "torch.ao's dynamic int8 linear); deployed = W8A8 tower + W4A16 language model (round to nearest); where the "
     "CPU has AVX512-VNNI, deployed-a8 = the same with the language model's activations in int8 (`kernel: "
     "avx512_vnni`; at prefill an int8 GEMM over its weights widened to int8 per channel). Best of the rounds, "
     "configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster end to end.")
@@ -315,7 +325,9 @@ def time_to_first_token(bench: BenchRun, size: str, images: Sequence[tuple[int, 
                 share = 100 * flops / (total - vision) / limits.peak["int8"]
                 metrics["LLM prefill, share of the int8 limit"] = Metric(round(share, 1), "%", format="{:.1f}")
             base_name = TTFT_BASELINES.get(name)
-            if name.startswith("w8a8") and size == "mid" and base_name in best:
+            if name == W8A8_TORCH_AO:
+                notes.append("torch.ao's dynamic int8 linear (fbgemm), what W8A8's auto picked on this CPU before")
+            elif name.startswith("w8a8") and size == "mid" and base_name in best:
                 ratio = best[base_name][1] / total
                 notes.append(target_note(f"time to first token against {base_name}", ratio, 1.3, "×", ratio >= 1.3))
             if name == DEPLOYED_A8:
