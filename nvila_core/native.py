@@ -21,6 +21,8 @@ import torch
 from nvila.core.errors import NvilaError
 
 log = logging.getLogger(__name__)
+HEADERS = Path(__file__).parent / "csrc"
+"""Headers shared by the kernels' sources (``avx512_math.h``), on each build's include path."""
 AVX512_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
 """What torch's own AVX512 capability implies (it runs AVX512 kernels only on CPUs with F, BW, VL, DQ and FMA)."""
 
@@ -95,7 +97,8 @@ class NativeOps:
         try:
             threads = openmp_flags()
             cpp_extension.load(self.name, [str(self.source)], extra_cflags=[*self.flags, *threads],
-                               extra_ldflags=threads, is_python_module=False, verbose=False)
+                               extra_ldflags=threads, extra_include_paths=[str(HEADERS)], is_python_module=False,
+                               verbose=False)
         except (RuntimeError, OSError, ImportError) as error:
             lines = str(error).splitlines()
             said = "\n".join([line for line in lines if "error" in line.lower()][:5] or lines[-5:])

@@ -16,6 +16,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "avx512_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -30,23 +32,6 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-// exp(x) for x <= 0 (scores minus their maximum), about 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this exp underflows; masked scores are zeroed elsewhere
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 in two parts (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // p * 2^n
 }
 
 // Which of 16 positions from `at` attend (all of them without a mask), and those past `length` do not.
@@ -130,7 +115,8 @@ inline float softmax_row(float* s, const bool* keep, int64_t length) {
     const __mmask16 m = attending(keep, l, length);
     const __mmask16 inside = length - l >= 16 ? static_cast<__mmask16>(0xFFFF)
                                               : static_cast<__mmask16>((1u << (length - l)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), peak)));
+    const __m512 e =
+        _mm512_maskz_mov_ps(m, nvila::exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), peak)));
     _mm512_mask_storeu_ps(s + l, inside, e);
     sum = _mm512_add_ps(sum, e);
   }

@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "avx512_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -39,29 +41,16 @@ inline void store16(c10::BFloat16* y, __m512 v) {
 }
 inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
 
-// exp(v) for v in fp32 (inputs below -87 give 0, above 88 give +inf's neighbourhood clamped): 2^n * p(r), with
-// r = v - n ln 2 in [-ln 2 / 2, ln 2 / 2] and p a degree-6 Taylor polynomial (relative error below 2e-7).
-inline __m512 exp16(__m512 v) {
-  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), v);  // ln 2 in two parts: exact products
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// GELU with tanh's approximation, 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3):
-// what SigLIP's MLP applies after its first layer (transformers' gelu_pytorch_tanh).
+// GELU with tanh's approximation, 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): what
+// SigLIP's MLP applies after its first layer (transformers' gelu_pytorch_tanh). With e = exp(-|2u|) (never
+// overflows), sigmoid(2u) is 1 / (1 + e) for u >= 0 and e / (1 + e) below.
 inline __m512 gelu_tanh16(__m512 x) {
-  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), _mm512_set1_ps(0.044715f), x),
-                                 _mm512_set1_ps(-1.5957691216f));  // -2u
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u)));
+  const __m512 z = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), _mm512_set1_ps(0.044715f), x),
+                                 _mm512_set1_ps(1.5957691216f));  // 2u
+  const __m512 e = nvila::exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z)));
+  const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 top = _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.f), e);
+  return _mm512_mul_ps(x, _mm512_div_ps(top, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 
 inline float gelu_tanh(float x) { return 0.5f * x * (1.f + std::tanh(0.7978845608f * (x + 0.044715f * x * x * x))); }
