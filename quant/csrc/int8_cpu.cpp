@@ -105,8 +105,6 @@ void linear_rows(const T* x, const at::Tensor& weight, const float* channel, con
   });
 }
 
-}  // namespace
-
 template <typename T>
 void dispatch(const T* x, const at::Tensor& weight, const float* channel, const float* bias, bool gelu, int64_t m,
               T* y) {
@@ -115,6 +113,8 @@ void dispatch(const T* x, const at::Tensor& weight, const float* channel, const 
   else
     linear_rows<T, false>(x, weight, channel, bias, m, y);
 }
+
+}  // namespace
 
 // x (M, K) bf16 or fp32 (any K) times the int8 weight (N, K) with its per-channel scales (N,) fp32, plus the bias
 // (N,) fp32 if given, then the activation ('none' or 'gelu_tanh'): (M, N) in x's dtype.
