@@ -28,7 +28,8 @@ def _register_fakes() -> None:
 
 
 KERNEL = NativeOps("nvila_int8_cpu", SOURCE, "nvila's AVX-512 int8 linear",
-                   "Use W8A8's kernel 'auto' (torch.ao's dynamic int8 linear) instead.", fakes=_register_fakes)
+                   "Use W8A8's kernel 'auto' (torch.ao's dynamic int8 linear there) or W4A16's 'avx512_bf16' instead.",
+                   fakes=_register_fakes)
 missing, available, load = KERNEL.missing, KERNEL.available, KERNEL.load
 
 

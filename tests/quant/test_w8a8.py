@@ -75,6 +75,19 @@ def test_auto_picks_onednn_with_amx_nvilas_kernel_with_vnni_and_fbgemm_elsewhere
     assert pick_kernel("auto", torch.device("cuda")) == "torchao"
 
 
+def test_nvilas_int8_kernel_is_refused_where_it_cannot_run_naming_the_alternative(monkeypatch):
+    with pytest.raises(NvilaError, match="runs on CPUs, not on meta; use kernel 'auto'"):
+        pick_kernel("avx512_vnni", torch.device("meta"))
+    monkeypatch.setattr(int8_cpu.KERNEL, "missing", lambda: "torch runs this CPU at AVX2")
+    with pytest.raises(NvilaError, match="AVX2.*kernel 'auto'"):
+        W8A8(W8A8Config(kernel="avx512_vnni")).check_available(torch.device("cpu"))
+    if int8_cpu.available():  # built: only the CPU's int8 dot products are missing
+        monkeypatch.undo()
+        monkeypatch.setattr(w8a8, "cpu_has", lambda feature: False)
+        with pytest.raises(NvilaError, match="needs a CPU with AVX512-VNNI.*use kernel 'auto'"):
+            W8A8(W8A8Config(kernel="avx512_vnni")).check_available(torch.device("cpu"))
+
+
 def test_a_device_without_a_kernel_is_refused_naming_the_alternative():
     with pytest.raises(NvilaError, match="kernel: torchao"):
         pick_kernel("auto", torch.device("mps"))
