@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from nvila.plugins import attention
-from nvila.quant import int4_cpu
+from nvila.quant import int4_cpu, int8_cpu
 from nvila.quant.w4a16 import pack_nibbles, quantize_groups
 from nvila.workflows.bench.measure import torch_threads
 
-KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL}
+KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL, "int8": int8_cpu.KERNEL}
 
 
 def needs(name: str):
@@ -66,3 +66,16 @@ def test_the_attention_kernel_gives_the_same_answer_on_two_threads():
     with torch_threads(2):
         two = torch.ops.nvila_attention.decode(q, k, v, None, 0.125)
     assert torch.equal(one, two)
+
+
+@needs("int8")
+@pytest.mark.parametrize("rows", [0, 1, 70])  # none (an empty batch), one, and more than one thread's share
+def test_the_int8_linear_gives_the_same_answer_on_two_threads(rows):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 200).bfloat16(), torch.randint(-127, 128, (90, 200), dtype=torch.int8)
+    scale, bias = torch.rand(90) / 100, torch.randn(90)
+    with torch_threads(1):
+        one = int8_cpu.linear(x, weight, scale, bias, "gelu_tanh")
+    with torch_threads(2):
+        two = int8_cpu.linear(x, weight, scale, bias, "gelu_tanh")
+    assert one.shape == (rows, 90) and torch.equal(one, two)
