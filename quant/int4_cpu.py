@@ -79,7 +79,6 @@ def matmul_int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     norm on random data)."""
     from nvila.quant import int8_cpu
 
-    int8_cpu.load()  # built once; then a flag's check
     weight, weight_scale = torch.ops.nvila_int4.widen_to_int8(qweight, scales, zeros)
     return int8_cpu.linear(x, weight, weight_scale)
 

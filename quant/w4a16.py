@@ -398,18 +398,14 @@ class Int4WeightOnlyLinear(PackedLinear):
         long = dense_rows and x.numel() // x.shape[-1] >= dense_rows  # prefill-sized: one dense matmul
         if self._running == "cuda":
             weight = packed  # torchao's tensor subclass runs tinygemm
-        elif long and self._running == "avx512_vnni":  # int8 activations at prefill too: an int8 GEMM
-            y = int4_cpu.matmul_int8_gemm(x.reshape(-1, self.in_features), **packed)  # (M, N)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + bias.to(y.dtype) if bias is not None else y
-        elif self._running == "reference" or long:
+        elif self._running == "reference" or (long and self._running != "avx512_vnni"):
             weight = self.dequantized(packed).to(x.dtype)  # (N, K)
-        else:  # decoding on a CPU: the kernel itself (torch's without its tensor subclass's dispatch)
+        else:  # on a CPU: the kernel itself (torch's without its tensor subclass's dispatch)
             rows = x.reshape(-1, self.in_features)
             if self._running == "avx512_bf16":
                 y = int4_cpu.matmul(rows, **packed)  # (M, N)
-            elif self._running == "avx512_vnni":
-                y = int4_cpu.matmul_a8(rows, **packed)  # (M, N)
+            elif self._running == "avx512_vnni":  # int8 activations: per group at decoding, an int8 GEMM at prefill
+                y = (int4_cpu.matmul_int8_gemm if long else int4_cpu.matmul_a8)(rows, **packed)  # (M, N)
             else:
                 from nvila.quant._torchao import int4_cpu_mm
 

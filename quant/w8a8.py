@@ -177,7 +177,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def is_gelu_tanh(module: nn.Module) -> bool:
     """Whether ``module`` computes GELU with tanh's approximation, by probing it (transformers names the class
     differently across versions): within fp32 rounding of torch's on values from -8 to 8."""
-    if any(True for _ in module.parameters()):
+    if next(module.parameters(), None) is not None:
         return False
     probe = torch.linspace(-8, 8, 257)
     try:

@@ -11,6 +11,15 @@ from nvila.workflows.bench.measure import torch_threads
 KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL, "int8": int8_cpu.KERNEL}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def native_ops():
+    """The kernels' ops registered before tests call them directly (the layers load them when they pack), so that
+    each test runs alone as well as after others."""
+    for kernel in KERNELS.values():
+        if kernel.missing() is None:
+            kernel.load()
+
+
 def needs(name: str):
     reason = KERNELS[name].missing()
     return pytest.mark.skipif(reason is not None, reason=f"nvila's {name} kernel: {reason}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.specs import SpecError, build
-from nvila.quant import int4_cpu
+from nvila.quant import int4_cpu, int8_cpu
 from nvila.quant._torchao import int4_cpu_pack
 from nvila.quant.w4a16 import (
     W4A16,
@@ -24,6 +24,17 @@ from nvila.quant.w4a16 import (
 )
 
 NATIVE = pytest.mark.skipif(int4_cpu.missing() is not None, reason=f"nvila's int4 kernel: {int4_cpu.missing()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def native_ops():
+    """The kernels' ops registered before tests call them directly (the layers load them when they pack), so that
+    each test runs alone as well as after others."""
+    for kernel in (int4_cpu, int8_cpu):
+        if kernel.missing() is None:
+            kernel.load()
+
+
 CPU_KERNELS = ["cpu", pytest.param("avx512_bf16", marks=NATIVE)]
 
 
@@ -198,9 +209,11 @@ def test_nvilas_kernel_is_the_exact_product_within_fp32_accumulation(rows, group
 VNNI = pytest.mark.skipif(int4_cpu.int8_missing() is not None, reason=f"int8 activations: {int4_cpu.int8_missing()}")
 
 
+
 def int8_activations(x: torch.Tensor, group: int = 128) -> torch.Tensor:
-    """``x`` (M, K) rounded to int8 per group of ``group`` columns and back, as llama.cpp's Q8 blocks: written here
-    from that definition (scale = the group's largest magnitude / 127, round half to even), not from the kernel."""
+    """``x`` (M, K) rounded to int8 per group of ``group`` columns and back, as llama.cpp's Q8 blocks (``group=K``:
+    per row, as W8A8 rounds activations): written here from that definition (scale = the group's largest magnitude
+    / 127, round half to even), not from the kernel."""
     m, k = x.shape
     g = x.float().reshape(m, k // group, group)
     scale = g.abs().amax(-1, keepdim=True) / 127
@@ -225,14 +238,6 @@ def test_int8_activations_give_the_dequantized_weight_times_the_dequantized_acti
     assert float((out.double() - exact).norm() / exact.norm()) < 0.02  # what int8 activations cost
 
 
-def int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row of ``x`` rounded to int8 with its own scale (its largest magnitude / 127) and back: per-token W8A8
-    activations (or per-channel weights), written from that definition."""
-    scale = x.float().abs().amax(-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x.float() * (1 / scale)).clamp(-127, 127) * scale
-
-
 @VNNI
 @pytest.mark.parametrize("m, n", [(40, 134), (97, 896)])  # an output width that is no multiple of 16; a model's
 def test_the_int8_gemm_of_prefill_multiplies_int8_rows_by_the_weight_widened_to_int8_per_channel(m, n):
@@ -242,7 +247,7 @@ def test_the_int8_gemm_of_prefill_multiplies_int8_rows_by_the_weight_widened_to_
     x = torch.randn(m, k).bfloat16()
     x[1] = 0  # a row of zeros: scale 1, nothing divided by zero
     weight = dequantize_groups(q, scales.float(), zeros.float())  # (N, K) fp32, as the kernel widens it
-    expected = int8_rows(x).double() @ int8_rows(weight).double().t()
+    expected = int8_activations(x, group=k).double() @ int8_activations(weight, group=k).double().t()  # rows
     out = int4_cpu.matmul_int8_gemm(x, pack_nibbles(q), scales, zeros)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert bool(((out.double() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-3 * expected.abs().max()).all())
