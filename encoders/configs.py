@@ -175,7 +175,8 @@ class SiglipConfig:
     num_heads: int = 4
     """Attention heads (so400m: 16)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel: 'sdpa' (default, any device), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
+    """Attention kernel: 'sdpa' (default, any device; bf16 inference on CPUs with AVX512-BF16 runs nvila's prefill
+    kernel, :mod:`nvila.plugins.attention`), 'eager', or 'flash_attention_2' (GPU, flash-attn)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image (width x height) the processor accepts; a guard against decompression bombs."""
     alpha: str = "white"

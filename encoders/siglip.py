@@ -21,6 +21,7 @@ from nvila.core.errors import NvilaError
 from nvila.core.interfaces import VisionEncoder
 from nvila.encoders.configs import SiglipConfig
 from nvila.encoders.preprocess import TileProcessor
+from nvila.plugins import attention
 
 
 class SiglipEncoder(VisionEncoder):
@@ -33,10 +34,12 @@ class SiglipEncoder(VisionEncoder):
     def __init__(self, config: SiglipConfig) -> None:
         super().__init__()
         self.config = config
+        # 'sdpa' runs nvila's SDPA function: transformers' own, but bf16 inference on CPUs takes nvila's kernel
+        implementation = attention.register() if config.attn_implementation == "sdpa" else config.attn_implementation
         if config.checkpoint:
             try:
                 self.vision = SiglipVisionModel.from_pretrained(
-                    config.checkpoint, attn_implementation=config.attn_implementation, local_files_only=True)
+                    config.checkpoint, attn_implementation=implementation, local_files_only=True)
             except OSError as exc:
                 raise NvilaError(f"Cannot load SigLIP weights from '{config.checkpoint}': {exc}. "
                                  "Point `checkpoint` at a local directory with config.json and "
@@ -46,7 +49,7 @@ class SiglipEncoder(VisionEncoder):
                 hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                 num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                 image_size=config.image_size, patch_size=config.patch_size, vision_use_head=False)
-            hf._attn_implementation = config.attn_implementation
+            hf._attn_implementation = implementation
             self.vision = SiglipVisionModel(hf)
         self.mean, self.std = _normalisation(config.checkpoint, self.MEAN, self.STD)
         hf = self.vision.config

@@ -161,7 +161,7 @@ def _prune(args: argparse.Namespace, rest: list[str]) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     # no `choices`: listing the suites imports torch, and every `nvila` command builds this parser
     parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data, prefill, "
-                                      "serve, quant-ttft, quant-decode, quant-peer, quant-quality or qlora "
+                                      "serve, quant-ttft, quant-decode, quant-peer, quant-quality, qlora or attention "
                                       "(nvila.workflows.bench.suites.SUITES)")
     parser.add_argument("--out", help="folder for the report: OUT/SUITE.md and OUT/SUITE.json")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",

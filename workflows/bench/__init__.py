@@ -12,7 +12,9 @@
   ``nvila.workflows.bench.prefill.prefill`` is the one place every benchmark runs a prefill) and
   :mod:`~nvila.workflows.bench.serving` (``serve``: the HTTP server, batched against one request at a time) and
   :mod:`~nvila.workflows.bench.quant` (``quant-ttft``, ``quant-decode``, ``quant-peer``, ``quant-quality``:
-  quantized inference; ``qlora``: PEFT over a W4A16 language model), tabled in :mod:`~nvila.workflows.bench.suites`.
+  quantized inference; ``qlora``: PEFT over a W4A16 language model) and :mod:`~nvila.workflows.bench.attention`
+  (``attention``: nvila's bf16 prefill attention kernel against torch's SDPA), tabled in
+  :mod:`~nvila.workflows.bench.suites`.
 
 ``nvila sweep`` writes its results table with the same record and writer.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nvila.core.errors import NvilaError
 from nvila.core.registry import did_you_mean
-from nvila.workflows.bench import data, prefill, quant, serving, training
+from nvila.workflows.bench import attention, data, prefill, quant, serving, training
 from nvila.workflows.bench.measure import torch_threads
 from nvila.workflows.bench.report import Report, write_report
 from nvila.workflows.bench.runner import BenchOptions, BenchRun, SuiteFunction
@@ -39,6 +39,7 @@ SUITES: dict[str, Suite] = {
     "quant-peer": Suite(quant.run_peer_suite, quant.PEER_SUMMARY, ("visual tokens", "time to first token", "decode")),
     "quant-quality": Suite(quant.run_quality_suite, quant.QUALITY_SUMMARY, ("top-1 agreement",
                                                                             "relative logit error")),
+    "attention": Suite(attention.run_attention_suite, attention.SUMMARY, attention.COMPARE, attention.require_kernel),
     "qlora": Suite(quant.run_qlora_suite, quant.QLORA_SUMMARY, (*training.COMPARE, "training state")),
 }
 
