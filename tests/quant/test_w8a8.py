@@ -151,17 +151,22 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
                     reason=f"nvila's int8 linear: {int8_cpu.missing() or 'no AVX512-VNNI'}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
-def test_nvilas_int8_linear_rounds_each_row_and_applies_bias_and_activation_in_one_pass(dtype, activation):
+@pytest.mark.parametrize(("rows", "k", "n"), [
+    (37, 200, 50),  # K and N no multiples of 16
+    (600, 40, 8200),  # products beyond one GEMM call's share (4M sums): 511 rows a call, then 89
+])
+def test_nvilas_int8_linear_rounds_each_row_and_applies_bias_and_activation_in_one_pass(dtype, activation, rows, k, n):
+    int8_cpu.load()  # the ops (quantizing a layer loads them; this test calls them directly)
     torch.manual_seed(0)
-    x, weight = torch.randn(37, 200).to(dtype), torch.randn(50, 200)  # K and N no multiples of 16
+    x, weight = torch.randn(rows, k).to(dtype), torch.randn(n, k)
     x[3] = 0  # a row of zeros: scale 1, nothing divided by zero
     q, scale = quantize_int8(weight)
-    bias = torch.randn(50)
+    bias = torch.randn(n)
     out = int8_cpu.linear(x, q, scale, bias, activation)
     expected = int8_rows(x).double() @ (q.double() * scale.double()[:, None]).t() + bias.double()
     if activation == "gelu_tanh":
         expected = nn.functional.gelu(expected, approximate="tanh")
-    assert out.dtype == dtype and out.shape == (37, 50)
+    assert out.dtype == dtype and out.shape == (rows, n)
     ulp = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
     assert ((out.double() - expected).abs() <= expected.abs() * ulp + 1e-4).all()
 

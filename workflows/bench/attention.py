@@ -99,7 +99,7 @@ def measure_shape(bench: BenchRun, name: str, shape: Shape, kernels: list[str], 
         flops = shape.flops() / seconds
         error = (calls[kernel]().double() - exact).abs().max().item()
         bench.add(Record(
-            bench.suite, configuration_name(name, kernel),
+            bench.suite, configuration_name(name, kernel), group="prefill attention",
             metrics={"attention": Metric(round(seconds * 1000, 2), "ms", "lower", "{:,.2f}"),
                      "throughput": Metric(round(flops / 1e9, 1), "GFLOP/s", "higher", "{:,.0f}"),
                      "of bf16 peak": Metric(round(100 * flops / peak, 1), "%", None, "{:.1f}"),
