@@ -117,7 +117,7 @@ def test_decoding_over_a_long_padded_cache_equals_transformers_eager_attention(c
 
 
 @torch.no_grad()
-def test_prefill_runs_transformers_own_sdpa_unchanged():
+def test_fp32_prefill_runs_transformers_own_sdpa_unchanged():  # bf16 prefill: test_prefill_attention.py
     ours = language_model("sdpa")
     embeds = torch.randn(2, attention.MATMUL_FROM + 4, ours.hidden_size)
     before = ours(embeds)
