@@ -7,9 +7,10 @@ layer against a 1,000-token cache on one Zen 4 core, where ``softmax(q k^T) v`` 
 this decides decoding speed.
 
 Prefill (many queries, no mask: a SigLIP tile's tokens, or a causal prompt) in bf16 on CPUs with AVX512-BF16 goes to
-``csrc/prefill_attention.cpp``: torch's CPU flash kernel runs SigLIP's attention at 57-80 GFLOP/s on one Zen 5 core,
-over half the vision tower's time, and nvila's at 190-270 (vdpbf16ps on operands packed for it; ``nvila bench
-attention``). Everything else (fp32, masks, training, GPUs) goes to transformers' own SDPA function unchanged.
+``csrc/prefill_attention.cpp``: torch's CPU flash kernel runs SigLIP's attention at 57-86 GFLOP/s on one Zen 5 core,
+over half the vision tower's time; nvila's runs it 3.2x as fast, and causal prompts about 5x (vdpbf16ps on operands
+packed for it; ``nvila bench attention``). Everything else (fp32, masks, training, GPUs) goes to transformers' own
+SDPA function unchanged.
 
 On CPUs with AVX-512, one call of ``csrc/decode_attention.cpp`` does the whole step per layer, reading each key and
 value row once for all the heads that share it; as torch ops (the path elsewhere) the two matmuls alone cost about
@@ -35,6 +36,8 @@ NAME = "nvila_sdpa"
 MATMUL_FROM = 48
 """Cache length from which eager decoding takes the matmul path where the kernel cannot run (torch's flash kernel
 is faster below it, by overhead alone); a compiled step always takes it, as inductor fuses it."""
+PREFILL_MAX_WIDTH = 512
+"""The widest head the prefill kernel takes (its per-task buffers are sized for it)."""
 KERNEL_HEAD_WIDTHS = (32, 64, 128, 256)
 """Head widths the kernel is built for (released Qwen2 sizes have 64 or 128; the tests' tiny models 32)."""
 
@@ -49,8 +52,6 @@ def _register_fake() -> None:
 KERNEL = NativeOps("nvila_attention_cpu", Path(__file__).parent / "csrc" / "decode_attention.cpp",
                    "nvila's AVX-512 decoding attention kernel", "Decoding attention runs as torch matmuls instead.",
                    fakes=_register_fake)
-
-
 
 
 def _register_prefill_fake() -> None:
@@ -87,11 +88,12 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     Causal attention with more keys than queries (prefill into an empty static cache) keeps the first L keys, as
     transformers' SDPA function does."""
     tensors = (query, key, value)
-    if not (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors)
-            and query.shape[1] % key.shape[1] == 0 and prefill_kernel_runs()):
-        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None  # the kernel has no backward: training takes SDPA
+    if not (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors)
+            and query.shape[1] % key.shape[1] == 0 and max(query.shape[-1], value.shape[-1]) <= PREFILL_MAX_WIDTH
+            and prefill_kernel_runs()):
+        return None
     length = query.shape[2]
     if causal and key.shape[2] != length:
         if key.shape[2] < length:
