@@ -13,6 +13,19 @@ from nvila.core.testing import TINY_MODEL  # tiny but real architectures, shared
 
 
 @pytest.fixture(scope="session")
+def native_ops() -> None:
+    """nvila's C++ kernels built and their ops registered, where this machine can run them. Quantized layers and the
+    attention function load them on first use; tests that call ``torch.ops`` directly use this, so that each runs
+    alone as well as after others."""
+    from nvila.plugins import attention
+    from nvila.quant import int4_cpu, int8_cpu
+
+    for kernel in (int4_cpu.KERNEL, int8_cpu.KERNEL, attention.KERNEL, attention.PREFILL_KERNEL):
+        if kernel.missing() is None:
+            kernel.load()
+
+
+@pytest.fixture(scope="session")
 def registry():
     loaded = load_plugins(strict=True)
     return loaded.registry

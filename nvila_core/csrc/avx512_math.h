@@ -4,7 +4,15 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace nvila {
+
+// The first n of 16 lanes, for a loop's last partial vector (n <= 0: none; n >= 16: all).
+inline __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
 
 // exp(x) for x <= 0 (scores minus their maximum), about 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2.
 inline __m512 exp_nonpositive(__m512 x) {

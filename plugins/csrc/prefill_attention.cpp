@@ -43,7 +43,8 @@ constexpr int64_t kScoreRows = 8;    // query rows in one score micro-tile (16 a
 constexpr int64_t kValueRows = 6;    // query rows in one value micro-tile (up to 24 accumulators)
 constexpr int64_t kValueColumns = 4; // 16-dim vectors in one value micro-tile
 
-inline uint32_t pair_at(const bf16* p) {  // two consecutive bf16 values as one 32-bit lane, the first in the low half
+// Two consecutive bf16 values as one 32-bit lane, the first in the low half.
+inline uint32_t pair_at(const bf16* p) {
   uint32_t bits;
   std::memcpy(&bits, p, sizeof(bits));
   return bits;
@@ -180,11 +181,6 @@ void value_block(int64_t rows, int64_t columns, const uint32_t* weights, int64_t
   }
 }
 
-inline __mmask16 first(int64_t n) {  // the first n of 16 lanes (n may be <= 0 or >= 16)
-  if (n <= 0) return 0;
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
-
 // Per-task scratch: a query block's packed rows, its scores and weights for one key block, its running output.
 struct Scratch {
   std::vector<uint32_t> query;   // [kQueryBlock][pairs]
@@ -214,7 +210,7 @@ void softmax_block(Scratch& s, const Shape& shape, int64_t rows, int64_t k0, int
     uint32_t* weight = s.weights.data() + r * (kKeyBlock / 2);
     __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < n; j += 16)
-      peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(peak, first(n - j), score + j));
+      peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(peak, nvila::first_lanes(n - j), score + j));
     const float old_top = s.top[r];
     const float block_top = n > 0 ? _mm512_reduce_max_ps(peak) * shape.scaling : old_top;
     const float new_top = std::max(old_top, block_top);
@@ -223,7 +219,7 @@ void softmax_block(Scratch& s, const Shape& shape, int64_t rows, int64_t k0, int
     __m512 sum = _mm512_setzero_ps();
     const int64_t padded_keys = (keys + 31) / 32 * 32;  // the value tiles read whole pairs up to here
     for (int64_t j = 0; j < padded_keys; j += 16) {
-      const __mmask16 m = first(n - j);
+      const __mmask16 m = nvila::first_lanes(n - j);
       const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, score + j), scaling, shift);
       const __m512 e = _mm512_maskz_mov_ps(m, nvila::exp_nonpositive(x));
       sum = _mm512_add_ps(sum, e);
@@ -270,7 +266,7 @@ void attend(Scratch& s, const Shape& shape, const bf16* query, const int64_t* q_
     const float* o = s.out.data() + r * shape.width;
     for (int64_t d = 0; d < shape.value_dim; d += 16) {
       const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + d), inverse));
-      _mm256_mask_storeu_epi16(dst + d, first(shape.value_dim - d), (__m256i)y);
+      _mm256_mask_storeu_epi16(dst + d, nvila::first_lanes(shape.value_dim - d), (__m256i)y);
     }
   }
 }

@@ -55,20 +55,19 @@ inline __m512 gelu_tanh16(__m512 x) {
 
 inline float gelu_tanh(float x) { return 0.5f * x * (1.f + std::tanh(0.7978845608f * (x + 0.044715f * x * x * x))); }
 
-inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
-
 // One row of K values as int8 with its own scale (its largest magnitude over 127, round half to even): returns the
 // scale.
 template <typename T>
 float quantize_row(const T* x, int64_t k, int8_t* out) {
   const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   __m512 top = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) top = _mm512_max_ps(top, _mm512_and_ps(load16(x + i, first(k - i)), magnitude));
+  for (int64_t i = 0; i < k; i += 16)
+    top = _mm512_max_ps(top, _mm512_and_ps(load16(x + i, nvila::first_lanes(k - i)), magnitude));
   const float peak = _mm512_reduce_max_ps(top);
   const float scale = peak > 0.f ? peak / 127.f : 1.f;
   const __m512 inverse = _mm512_set1_ps(1.f / scale);
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 count = first(k - i);
+    const __mmask16 count = nvila::first_lanes(k - i);
     _mm_mask_storeu_epi8(out + i, count,
                          _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x + i, count), inverse))));
   }

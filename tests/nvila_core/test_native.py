@@ -11,13 +11,7 @@ from nvila.workflows.bench.measure import torch_threads
 KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL, "int8": int8_cpu.KERNEL}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def native_ops():
-    """The kernels' ops registered before tests call them directly (the layers load them when they pack), so that
-    each test runs alone as well as after others."""
-    for kernel in KERNELS.values():
-        if kernel.missing() is None:
-            kernel.load()
+pytestmark = pytest.mark.usefixtures("native_ops")  # the kernels' ops, for the tests that call them directly
 
 
 def needs(name: str):

@@ -15,11 +15,7 @@ KERNEL = pytest.mark.skipif(attention.PREFILL_KERNEL.missing() is not None,
                             reason=f"nvila's prefill attention kernel: {attention.PREFILL_KERNEL.missing()}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    """The kernel's ops, built and loaded where it can run (so that each test runs alone too)."""
-    if attention.PREFILL_KERNEL.missing() is None:
-        attention.PREFILL_KERNEL.load()
+pytestmark = pytest.mark.usefixtures("native_ops")  # the kernel's ops, for the tests that call them directly
 
 
 def qkv(batch, heads, kv_heads, length, keys, dim, seed=0):

@@ -7,7 +7,7 @@ from torch import nn
 
 from nvila.core.errors import NvilaError
 from nvila.core.specs import SpecError, build
-from nvila.quant import int4_cpu, int8_cpu
+from nvila.quant import int4_cpu
 from nvila.quant._torchao import int4_cpu_pack
 from nvila.quant.w4a16 import (
     W4A16,
@@ -22,17 +22,12 @@ from nvila.quant.w4a16 import (
     unpack_cpu,
     unpack_nibbles,
 )
+from tests.quant.rounding import int8_activations
 
 NATIVE = pytest.mark.skipif(int4_cpu.missing() is not None, reason=f"nvila's int4 kernel: {int4_cpu.missing()}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def native_ops():
-    """The kernels' ops registered before tests call them directly (the layers load them when they pack), so that
-    each test runs alone as well as after others."""
-    for kernel in (int4_cpu, int8_cpu):
-        if kernel.missing() is None:
-            kernel.load()
+pytestmark = pytest.mark.usefixtures("native_ops")  # the kernels' ops, for the tests that call them directly
 
 
 CPU_KERNELS = ["cpu", pytest.param("avx512_bf16", marks=NATIVE)]
@@ -207,18 +202,6 @@ def test_nvilas_kernel_is_the_exact_product_within_fp32_accumulation(rows, group
 
 
 VNNI = pytest.mark.skipif(int4_cpu.int8_missing() is not None, reason=f"int8 activations: {int4_cpu.int8_missing()}")
-
-
-
-def int8_activations(x: torch.Tensor, group: int = 128) -> torch.Tensor:
-    """``x`` (M, K) rounded to int8 per group of ``group`` columns and back, as llama.cpp's Q8 blocks (``group=K``:
-    per row, as W8A8 rounds activations): written here from that definition (scale = the group's largest magnitude
-    / 127, round half to even), not from the kernel."""
-    m, k = x.shape
-    g = x.float().reshape(m, k // group, group)
-    scale = g.abs().amax(-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(g * (1 / scale)).clamp(-127, 127) * scale).reshape(m, k)
 
 
 @VNNI

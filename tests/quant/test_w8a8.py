@@ -8,6 +8,7 @@ from torch import nn
 from nvila.core.errors import NvilaError
 from nvila.quant import int8_cpu, w8a8
 from nvila.quant.w8a8 import W8A8, Int8DynamicLinear, W8A8Config, pick_kernel, quantize_int8
+from tests.quant.rounding import int8_activations
 
 CPU_KERNELS = [k for k in ("onednn", "fbgemm", "torchao")
                if k == "torchao" or k in torch.backends.quantized.supported_engines]
@@ -139,14 +140,6 @@ def test_auto_dtype_follows_the_cpus_bf16_instructions(monkeypatch):
     assert part[1].weight.dtype == torch.float32
 
 
-def int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row rounded to int8 with its own scale (its largest magnitude / 127; times its inverse, as kernels
-    multiply) and back, from that definition."""
-    scale = x.float().abs().amax(-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x.float() * (1 / scale)).clamp(-127, 127) * scale
-
-
 @pytest.mark.skipif(int8_cpu.missing() is not None or not w8a8.cpu_has("vnni"),
                     reason=f"nvila's int8 linear: {int8_cpu.missing() or 'no AVX512-VNNI'}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -155,15 +148,15 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
     (37, 200, 50),  # K and N no multiples of 16
     (600, 40, 8200),  # products beyond one GEMM call's share (4M sums): 511 rows a call, then 89
 ])
+@pytest.mark.usefixtures("native_ops")
 def test_nvilas_int8_linear_rounds_each_row_and_applies_bias_and_activation_in_one_pass(dtype, activation, rows, k, n):
-    int8_cpu.load()  # the ops (quantizing a layer loads them; this test calls them directly)
     torch.manual_seed(0)
     x, weight = torch.randn(rows, k).to(dtype), torch.randn(n, k)
     x[3] = 0  # a row of zeros: scale 1, nothing divided by zero
     q, scale = quantize_int8(weight)
     bias = torch.randn(n)
     out = int8_cpu.linear(x, q, scale, bias, activation)
-    expected = int8_rows(x).double() @ (q.double() * scale.double()[:, None]).t() + bias.double()
+    expected = int8_activations(x, group=k).double() @ (q.double() * scale.double()[:, None]).t() + bias.double()
     if activation == "gelu_tanh":
         expected = nn.functional.gelu(expected, approximate="tanh")
     assert out.dtype == dtype and out.shape == (rows, n)
