@@ -8,7 +8,8 @@ from nvila.quant import int4_cpu, int8_cpu
 from nvila.quant.w4a16 import pack_nibbles, quantize_groups
 from nvila.workflows.bench.measure import torch_threads
 
-KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL, "int8": int8_cpu.KERNEL}
+KERNELS = {"int4": int4_cpu.KERNEL, "attention": attention.KERNEL, "int8": int8_cpu.KERNEL,
+           "prefill attention": attention.PREFILL_KERNEL}
 
 
 pytestmark = pytest.mark.usefixtures("native_ops")  # the kernels' ops, for the tests that call them directly
