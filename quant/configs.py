@@ -16,6 +16,7 @@ W4A16_GROUP_SIZES = (32, 64, 128)
 W4A16_METHODS = ("awq", "rtn")
 W4A16_KERNELS = ("auto", "avx512_bf16", "avx512_vnni", "cpu", "cuda", "reference")
 W4A16_DTYPES = ("bf16", "fp16")
+W16A16_DTYPES = ("auto", "bf16", "fp16")
 
 
 @dataclass
@@ -122,3 +123,16 @@ class W4A16Config:
             problems.append("calib_rows and awq_grid must be at least 1, dense_rows at least 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+@dataclass
+class W16A16Config:
+    """16-bit weights and activations where the machine computes them fast (the small parts of a serving mix)."""
+
+    dtype: str = "auto"
+    """'auto': bf16 where this machine has bf16 matrix instructions (AVX512-BF16, AMX) or a CUDA GPU, else the part
+    stays as it is (fp32 is faster than bf16 without them: API notes, section 4); or 'bf16', 'fp16' everywhere."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in W16A16_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(W16A16_DTYPES)}, got '{self.dtype}'")

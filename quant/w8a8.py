@@ -47,6 +47,12 @@ def cpu_has(feature: str) -> bool:
         return False
 
 
+def bf16_is_fast() -> bool:
+    """Whether bf16 is this machine's fast format: a CUDA GPU, or a CPU with bf16 matrix instructions (AVX512-BF16,
+    AMX). Without them a bf16 matmul runs several times slower than fp32's (API notes, section 4)."""
+    return torch.cuda.is_available() or cpu_has("bf16") or cpu_has("amx")
+
+
 def is_x86() -> bool:
     import platform
 
@@ -219,7 +225,7 @@ class W8A8(Quantizer):
             replace_layer(part, name, Int8DynamicLinear(q, scale, bias, self.config.kernel))
         fuse_activations(part)
         dtype = self.config.dtype
-        if dtype == "bf16" or (dtype == "auto" and (cpu_has("bf16") or cpu_has("amx"))):
+        if dtype == "bf16" or (dtype == "auto" and bf16_is_fast()):
             for param in part.parameters():  # the rest of the tower: bf16 matrix units do attention too
                 if param.is_floating_point():
                     param.data = param.data.to(torch.bfloat16)

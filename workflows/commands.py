@@ -223,7 +223,9 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the quantized checkpoint")
     spec = "quantizer name (w8a8, w4a16) or inline spec, e.g. \"{name: w4a16, method: rtn}\""
     parser.add_argument("--vision", "--encoder", dest="encoder", metavar="SPEC", help=f"vision tower: {spec}")
-    parser.add_argument("--projector", metavar="SPEC", help=f"projector: {spec}")
+    parser.add_argument("--projector", metavar="SPEC",
+                        help=f"projector: {spec}; default w16a16 when --vision is given (16 bits where the machine "
+                             "computes them fast, as the quantized parts around it do), 'none' to keep it as trained")
     parser.add_argument("--llm", metavar="SPEC", help=f"language model: {spec}")
     parser.add_argument("--calib", metavar="SHARDS", help="shards to draw calibration samples from (AWQ needs them)")
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration samples drawn from --calib")
@@ -232,9 +234,11 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _quantize(args: argparse.Namespace, rest: list[str]) -> None:
     from nvila.core.specs import parse_inline
-    from nvila.workflows.quantize import quantize_checkpoint
+    from nvila.workflows.quantize import quantize_checkpoint, serving_mix
 
-    quant = {part: parse_inline(getattr(args, part)) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    named = {part: getattr(args, part) for part in ("encoder", "projector", "llm") if getattr(args, part)}
+    quant = serving_mix({part: None if text.strip().lower() == "none" else parse_inline(text)
+                         for part, text in named.items()})
     report = quantize_checkpoint(args.ckpt, args.out, quant, args.calib, args.calib_samples, args.seed)
     print(report.summary())
 

@@ -121,6 +121,22 @@ def calibrator(model: NvilaModel, batches: list[dict[str, Any]]) -> Any:
     return run
 
 
+DEFAULT_PROJECTOR = {"name": "w16a16"}
+"""The projector's quantizer in ``nvila quantize``'s serving mix when the vision tower is quantized and the command
+names none for the projector: a W8A8 tower computes in bf16 where the machine has bf16 hardware, and a W4A16 language
+model takes bf16 activations, so the projector between them computes in bf16 too (``nvila.quant.w16a16``)."""
+
+
+def serving_mix(quant: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts ``nvila quantize`` quantizes: those named (a part named ``None`` stays as trained), and the projector
+    in :data:`DEFAULT_PROJECTOR` when the vision tower is quantized and the projector is not named. A checkpoint with
+    only its language model in W4A16 stays one that QLoRA-style PEFT can train from (its projector trains)."""
+    mix = dict(quant)
+    if "projector" not in mix and mix.get("encoder") is not None:
+        mix["projector"] = dict(DEFAULT_PROJECTOR)
+    return {part: spec for part, spec in mix.items() if spec is not None}
+
+
 def quantizers_calibrate(quant: Mapping[str, Any]) -> list[str]:
     """The parts whose quantizer calibrates (needs samples), as ``quant`` specifies them."""
     registry = default_registry()

@@ -135,6 +135,7 @@ def test_the_rest_of_the_tower_computes_in_the_chosen_dtype(dtype, expected):
 
 def test_auto_dtype_follows_the_cpus_bf16_instructions(monkeypatch):
     monkeypatch.setattr(w8a8, "cpu_has", lambda feature: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     part = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     W8A8(W8A8Config()).quantize(part)
     assert part[1].weight.dtype == torch.float32

@@ -29,8 +29,10 @@ def test_nvila_quantize_writes_a_checkpoint_that_generate_and_eval_take(ckpt, sy
     report = capsys.readouterr().out
     assert "(8 calibration samples)" in report
     assert "| encoder | w8a8 | 6 |" in report and "| llm | w4a16 | 7 |" in report
+    assert "| projector | w16a16 |" in report  # the serving mix's default: computes as the parts around it
     spec = read_spec(out)
     assert spec.quant["llm"]["method"] == "awq" and spec.quant["encoder"]["name"] == "w8a8"
+    assert spec.quant["projector"] == {"name": "w16a16", "dtype": "auto"}
     assert main(["generate", "--ckpt", str(out), "--prompt", "What color?", "--max-new-tokens", "3"]) == 0
     assert main(["eval", "--ckpt", str(out), "--shards", str(synth_data / "val"), "--limit", "4",
                  "--batch-size", "2"]) == 0
@@ -45,6 +47,27 @@ def test_the_report_counts_weight_bytes_per_part(ckpt, tmp_path):
     assert parts["encoder"].ratio < 0.7  # its linears drop to a quarter, its embeddings stay
     model = load_checkpoint(tmp_path / "q")
     assert part_bytes(model) == {p.part: p.bytes_after for p in report.parts} | {"compressor": 0, "temporal": 0}
+
+
+def test_the_projector_follows_the_parts_around_it_unless_told(ckpt, tmp_path, capsys, monkeypatch):
+    from nvila.quant import w8a8
+
+    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(w8a8, "bf16_is_fast", lambda fast=fast: fast)
+        out = tmp_path / f"fast-{fast}"
+        assert main(["quantize", "--ckpt", str(ckpt), "--vision", "w8a8", "--out", str(out)]) == 0
+        model = load_checkpoint(out)  # the spec's w16a16 decides again on the machine that loads it
+        assert {p.dtype for p in model.projector.parameters()} == {expected}
+        assert {p.dtype for p in model.encoder.parameters() if p.is_floating_point()} == {expected}
+    capsys.readouterr()
+    assert main(["quantize", "--ckpt", str(ckpt), "--vision", "w8a8", "--projector", "none",
+                 "--out", str(tmp_path / "kept")]) == 0
+    assert "projector" not in read_spec(tmp_path / "kept").quant
+    assert "| projector | - |" in capsys.readouterr().out
+    # the language model alone: a start for QLoRA-style PEFT, which trains the projector, so it stays as trained
+    assert main(["quantize", "--ckpt", str(ckpt), "--llm", LLM.replace("}", ", method: rtn}"),
+                 "--out", str(tmp_path / "llm-only")]) == 0
+    assert set(read_spec(tmp_path / "llm-only").quant) == {"llm"}
 
 
 def test_awq_without_calibration_shards_is_refused_naming_the_quick_option(ckpt, tmp_path):

@@ -41,6 +41,7 @@ from nvila.quant.w4a16 import Int4WeightOnlyLinear
 from nvila.workflows.bench.measure import Stopwatch, synchronize, time_call
 from nvila.workflows.bench.record import Metric, Record
 from nvila.workflows.bench.runner import BenchRun
+from nvila.workflows.quantize import serving_mix
 
 SIGLIP_MID = {"name": "siglip", "image_size": 448, "patch_size": 14, "hidden_size": 1152, "intermediate_size": 4304,
               "num_layers": 6, "num_heads": 16, "feature_layer": -1}
@@ -57,8 +58,9 @@ SIZES["mid-1tile"] = {**SIZES["mid"], "encoder": SIGLIP_MID}
 TIMED_SIZES = ("demo", "mid")
 IMAGES = ((896, 896), (1920, 1080))
 QUESTION = "What is shown in this image? Answer briefly."
-DEPLOYED = {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}}
-"""The serving mix, for timing (AWQ and round-to-nearest run at the same speed; quality compares them)."""
+DEPLOYED = serving_mix({"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}})
+"""The serving mix as ``nvila quantize --vision w8a8 --llm w4a16`` writes it (the projector in W16A16), for timing
+(AWQ and round-to-nearest run at the same speed; quality compares them)."""
 TORCH_INT4 = "w4a16-torch"
 """W4A16 on torch's CPU int4 kernel (``kernel: cpu``), beside ``w4a16`` on the kernel 'auto' picks."""
 INT8_ACTIVATIONS = "w4a16-a8"
@@ -126,7 +128,7 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
 def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
     W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), w4a16-torch (the same on torch's CPU int4 kernel),
-    w4a16-a8 (the same with int8 activations), deployed (W8A8 vision, W4A16 language model), deployed-a8 (the same
+    w4a16-a8 (the same with int8 activations), deployed (W8A8 vision, W4A16 language model, W16A16 projector), deployed-a8 (the same
     with the language model's activations in int8)."""
     out = {}
     for name in names:
@@ -248,7 +250,8 @@ TTFT_SUMMARY = (
     "Time to first token (`Engine.prefill`: vision tower, then the language model's prefill) of one image question "
     "per configuration: fp32; w8a8 = W8A8 vision tower, rest fp32; bf16; w8a8-bf16 = W8A8 tower with its attention "
     "and norms in bf16, rest bf16 (where `auto` picks nvila's int8 linear, also w8a8-bf16-fbgemm = the same on "
-    "torch.ao's dynamic int8 linear); deployed = W8A8 tower + W4A16 language model (round to nearest); where the "
+    "torch.ao's dynamic int8 linear); deployed = W8A8 tower + W4A16 language model (round to nearest) + the "
+    "projector in 16 bits (W16A16), as `nvila quantize` writes it; where the "
     "CPU has AVX512-VNNI, deployed-a8 = the same with the language model's activations in int8 (`kernel: "
     "avx512_vnni`; at prefill an int8 GEMM over its weights widened to int8 per channel). Best of the rounds, "
     "configurations alternated round by round after a warm-up round. Target (mid): W8A8 >= 1.3x faster end to end.")
@@ -474,7 +477,7 @@ def decode(bench: BenchRun, size: str, runs: Sequence[tuple[str | tuple[int, int
 
 # -- quant-peer: transformers' LLaVA-OneVision with the same widths ---------------------------------------------
 PEER_SUMMARY = (
-    "Ours (bf16, and the deployed W8A8 + W4A16 mix) against transformers' LLaVA-OneVision in bf16 built with the "
+    "Ours (bf16, and the deployed W8A8 + W4A16 mix, its projector in 16 bits) against transformers' LLaVA-OneVision in bf16 built with the "
     "same widths and depths (the same SigLIP tower and Qwen2, random weights, our tokenizer, anyres pinpoints 1x1 "
     "to 6x6 tiles): visual tokens, time to first token (best of the rounds), decode tokens/s over 8 steps after "
     "the image prompt. Targets: <= 1/3 of the peer's visual tokens, time to first token >= 1.6x faster.")
@@ -608,9 +611,10 @@ QUALITY_CONFIGS: dict[str, dict[str, Any]] = {
     "w8a8 vision": {"encoder": {"name": "w8a8"}},
     "w4a16 awq": {"llm": {"name": "w4a16", "method": "awq"}},
     "w4a16 rtn": {"llm": {"name": "w4a16", "method": "rtn"}},
-    "w8a8 + w4a16 awq": {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "awq"}},
-    "w8a8 + w4a16 rtn": {"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}},
+    "w8a8 + w4a16 awq": serving_mix({"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "awq"}}),
+    "w8a8 + w4a16 rtn": serving_mix({"encoder": {"name": "w8a8"}, "llm": {"name": "w4a16", "method": "rtn"}}),
 }
+"""Each part alone, then the serving mixes as ``nvila quantize`` writes them (with the projector in W16A16)."""
 A8_QUALITY = f"{INT8_ACTIVATIONS} rtn"
 """W4A16 round to nearest with int8 activations at every position (``dense_rows: 0``: teacher-forced, each position
 computes as a decoding step does), against ``w4a16 rtn``; where the kernel runs."""
@@ -620,8 +624,8 @@ teacher-forced position is computed, per group at decoding), against ``w8a8 + w4
 A8_TWINS = {A8_QUALITY: "w4a16 rtn", DEPLOYED_A8_QUALITY: "w8a8 + w4a16 rtn"}
 if A8_RUNS:
     QUALITY_CONFIGS[A8_QUALITY] = {"llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni", "dense_rows": 0}}
-    QUALITY_CONFIGS[DEPLOYED_A8_QUALITY] = {"encoder": {"name": "w8a8"},
-                                            "llm": {"name": "w4a16", "method": "rtn", "kernel": "avx512_vnni"}}
+    QUALITY_CONFIGS[DEPLOYED_A8_QUALITY] = serving_mix({"encoder": {"name": "w8a8"}, "llm": {
+        "name": "w4a16", "method": "rtn", "kernel": "avx512_vnni"}})
 QUALITY_SIZES = {"demo": ("demo", tuple(QUALITY_CONFIGS)),
                  "mid-1tile": ("mid-1tile", ("w8a8 vision", "w8a8 + w4a16 awq", "w8a8 + w4a16 rtn",
                                              *(("w4a16 rtn", *A8_TWINS) if A8_RUNS else ())))}
