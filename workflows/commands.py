@@ -158,6 +158,13 @@ def _prune(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 # -- bench ----------------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse turns the error into a usage message)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, got '{text}'")
+    return int(text)
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     # no `choices`: listing the suites imports torch, and every `nvila` command builds this parser
     parser.add_argument("suite", help="peft, peft-large, memory-savers, memory-savers-long, fp8, data, prefill, "
@@ -169,6 +176,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-slow-bf16", action="store_true",
                         help="on a CPU without bf16 hardware, run the bf16 configurations (last) instead of skipping")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the measurements")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="timed rounds of quant-ttft, quant-decode, quant-peer and attention, whose best is kept "
+                             "(more on a noisy shared machine; default: each suite's own)")
     parser.add_argument("--ckpt", help="quant-quality: a trained checkpoint instead of random weights")
     parser.add_argument("--calib", metavar="SHARDS", help="quant-quality: shards to calibrate AWQ on")
     parser.add_argument("--held-out", metavar="SHARDS", help="quant-quality: held-out shards to compare answers on")
@@ -178,7 +188,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> None:
     from nvila.workflows.bench import BenchOptions, run_bench
 
     run_bench(args.suite, BenchOptions(out=args.out, only=args.only, include_slow_bf16=args.include_slow_bf16,
-                                       threads=args.threads, command=args.command_line, ckpt=args.ckpt,
+                                       threads=args.threads, rounds=args.rounds, command=args.command_line,
+                                       ckpt=args.ckpt,
                                        calib=args.calib, held_out=args.held_out))
 
 

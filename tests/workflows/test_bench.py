@@ -251,6 +251,15 @@ def test_the_command_names_every_suite_and_refuses_a_misspelt_one(capsys):
     assert "No benchmark suite 'prefil'. Did you mean 'prefill'?" in capsys.readouterr().err
 
 
+def test_the_command_refuses_rounds_below_one(capsys):
+    from nvila.workflows.commands import main
+
+    with pytest.raises(SystemExit) as exit:  # argparse's usage error, before anything runs
+        main(["bench", "prefill", "--rounds", "0"])
+    assert exit.value.code == 2
+    assert "--rounds: takes a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
 def test_the_command_refuses_an_only_filter_that_matches_nothing(capsys):
     from nvila.workflows.commands import main
 

@@ -34,6 +34,15 @@ def test_the_suite_times_both_kernels_side_by_side_with_their_error():
         assert record.metrics["attention"].value > 0 and record.metrics["throughput"].value > 0
         assert 0 <= record.metrics["max error"].value < 0.05  # bf16 rounding, not a wrong answer
     assert "attention" in bench.report().markdown()
+    assert "1 timed rounds" in " ".join(bench.notes)
+
+
+@pytest.mark.skipif(attention.PREFILL_KERNEL.missing() is not None, reason="nvila's prefill attention kernel")
+def test_rounds_asked_for_replace_the_suites_own():
+    bench = run_of(rounds=2)
+    shapes = {"tiny tile": ba.Shape(1, 1, 20, 8, causal=False)}
+    ba.run_attention_suite(bench, shapes, repeats=5, limits=bq.machine_limits(1, copy_mib=8, matmul=(64, 128, 128)))
+    assert "2 timed rounds" in " ".join(bench.notes)
 
 
 def test_the_suite_refuses_a_machine_without_the_kernel_saying_what_it_lacks(monkeypatch):

@@ -114,6 +114,7 @@ def run_attention_suite(bench: BenchRun, shapes: dict[str, Shape] | None = None,
     names = bench.selected([configuration_name(s, k) for s in shapes for k in KERNELS])
     limits = limits or machine_limits(device="cpu")
     limits_record(bench, limits)
+    repeats = bench.rounds(repeats)
     bench.note(f"{repeats} timed rounds after one warm-up round; {torch.get_num_threads()} torch thread(s).")
     for name, shape in shapes.items():
         kernels = [k for k in KERNELS if configuration_name(name, k) in names]

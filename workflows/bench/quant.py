@@ -278,6 +278,7 @@ def run_ttft_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES,
                    limits: Limits | None = None) -> None:
     names = [ttft_name(s, w, h, c) for s in sizes for w, h in images for c in TTFT_CONFIGS]
     selected, limits = start_timed_suite(bench, names, sizes, limits)
+    repeats = bench.rounds(repeats)
     for size, kept in selected.items():
         if kept:
             time_to_first_token(bench, size, [i for i in images if any(ttft_name(size, *i, c) in kept
@@ -382,6 +383,7 @@ def run_decode_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES, tokens
                      contexts: Sequence[str | tuple[int, int]] = (TEXT, *IMAGES)) -> None:
     names = [decode_name(s, x, c) for s in sizes for x in contexts for c in configs]
     selected, limits = start_timed_suite(bench, names, sizes, limits)
+    repeats = bench.rounds(repeats)
     for size, kept in selected.items():
         runs = [(x, c) for x in contexts for c in configs if decode_name(size, x, c) in kept]
         if runs:
@@ -540,6 +542,7 @@ def _peer_inputs(processor: Any, width: int, height: int, dtype: torch.dtype, de
 def run_peer_suite(bench: BenchRun, sizes: Sequence[str] = TIMED_SIZES,
                    images: Sequence[tuple[int, int]] = IMAGES, tokens: int = 8, repeats: int = 2) -> None:
     names = [ttft_name(s, w, h, c) for s in sizes for w, h in images for c in PEER_CONFIGS]
+    repeats = bench.rounds(repeats)
     for size, kept in sizes_of(bench, names, sizes).items():
         for width, height in images:
             if any(ttft_name(size, width, height, c) in kept for c in PEER_CONFIGS):

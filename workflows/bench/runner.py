@@ -29,6 +29,9 @@ class BenchOptions:
     """On a CPU without bf16 hardware, run the bf16 configurations (last) instead of skipping them."""
     threads: int | None = None
     """torch intra-op threads for the measuring processes; None leaves torch's default."""
+    rounds: int | None = None
+    """Timed rounds of the suites that keep the best round (quant-ttft, quant-decode, quant-peer, attention): more
+    on a noisy shared machine, where other tenants only ever add time; None keeps each suite's own."""
     command: str | None = None
     """The command line, as the report records it; None reads ``sys.argv``."""
     ckpt: str | None = None
@@ -71,6 +74,10 @@ class BenchRun:
                              f"{self.suite}`; its configurations: {'; '.join(names)}.")
         self.total = len(kept)
         return kept
+
+    def rounds(self, default: int) -> int:
+        """Timed rounds for this run: ``--rounds`` when given, else the suite's ``default``."""
+        return self.options.rounds or default
 
     def note(self, text: str) -> None:
         """A note for the report, printed at once too."""
