@@ -32,7 +32,8 @@ def compute_dtype(name: str) -> torch.dtype | None:
 
 
 def _inputs_to(dtype: torch.dtype, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A forward pre-hook: floating-point tensor inputs in the part's dtype, whatever its caller computes in."""
+    """A forward pre-hook: floating-point positional tensor inputs in the part's dtype, whatever its caller computes
+    in."""
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 

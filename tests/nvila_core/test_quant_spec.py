@@ -61,7 +61,7 @@ def test_a_quantized_checkpoint_is_safetensors_plus_spec_and_loads_to_the_same_m
     engine = Engine(model)
     inputs = engine.inputs([REQUEST])
     full = engine.prefill(inputs).logits
-    model.quantize(QUANT, registry=registry)
+    model.quantize({**QUANT, "projector": {"name": "w16a16", "dtype": "bf16"}}, registry=registry)  # the serving mix
     quantized = engine.prefill(inputs).logits  # the layers pack on this first run
     assert quantized.argmax(-1).tolist() == full.argmax(-1).tolist()
     save_checkpoint(model, tmp_path)
@@ -70,7 +70,9 @@ def test_a_quantized_checkpoint_is_safetensors_plus_spec_and_loads_to_the_same_m
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["llm.model.model.layers.0.mlp.up_proj.qweight"] == "U8"
     assert dtypes["encoder.vision.encoder.layers.0.mlp.fc1.weight"] == "I8"
+    assert {dtype for key, dtype in dtypes.items() if key.startswith("projector.")} == {"BF16"}
     loaded = load_checkpoint(tmp_path, registry)
+    assert {p.dtype for p in loaded.projector.parameters()} == {torch.bfloat16}
     again = Engine(loaded)
     assert torch.equal(again.prefill(again.inputs([REQUEST])).logits, quantized)
     (answer,) = again.generate([REQUEST], DecodingConfig(max_new_tokens=3))

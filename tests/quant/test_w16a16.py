@@ -1,19 +1,13 @@
-"""W16A16: a part cast to 16-bit floats where the machine computes them fast, decided again wherever it loads."""
+"""W16A16: a part cast to 16-bit floats where the machine computes them fast, decided again wherever it loads
+(in a whole model's serving mix: tests/nvila_core/test_quant_spec.py)."""
 
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from nvila.core.checkpoint import load_checkpoint, save_checkpoint
-from nvila.core.engine import ChatRequest, Engine
-from nvila.core.model import NvilaModel
 from nvila.quant import w8a8
 from nvila.quant.configs import W16A16Config
 from nvila.quant.w16a16 import W16A16
-
-REQUEST = ChatRequest([{"role": "user", "content": "<image>\nWhat color is it?"}],
-                      images=[Image.new("RGB", (32, 32), (30, 30, 200))])
 
 
 def projector_like() -> nn.Module:
@@ -44,20 +38,3 @@ def test_a_named_dtype_applies_everywhere(monkeypatch):
 def test_an_unknown_dtype_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="dtype must be one of auto, bf16, fp16, got 'int3'"):
         W16A16Config(dtype="int3")
-
-
-def test_a_16_bit_projector_computes_in_bf16_and_loads_back_the_same(tiny_spec, registry, tmp_path):
-    torch.manual_seed(0)
-    model = NvilaModel(tiny_spec, registry).eval()
-    engine = Engine(model)
-    inputs = engine.inputs([REQUEST])
-    full = engine.prefill(inputs).logits
-    model.quantize({"projector": {"name": "w16a16", "dtype": "bf16"}}, registry=registry)
-    assert {p.dtype for p in model.projector.parameters()} == {torch.bfloat16}
-    half = engine.prefill(inputs).logits
-    assert half.argmax(-1).tolist() == full.argmax(-1).tolist()
-    save_checkpoint(model, tmp_path)
-    loaded = load_checkpoint(tmp_path, registry)
-    assert {p.dtype for p in loaded.projector.parameters()} == {torch.bfloat16}
-    again = Engine(loaded)
-    assert torch.equal(again.prefill(again.inputs([REQUEST])).logits, half)

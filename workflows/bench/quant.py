@@ -128,8 +128,8 @@ def to_bf16(model: NvilaModel) -> NvilaModel:
 def variants(base: NvilaModel, names: Sequence[str], device: str = "cpu") -> dict[str, NvilaModel]:
     """Copies of ``base`` per configuration name: fp32, bf16, w8a8 (vision W8A8, rest fp32), w8a8-bf16 (vision
     W8A8, rest bf16), w4a16 (language model W4A16, rest fp32), w4a16-torch (the same on torch's CPU int4 kernel),
-    w4a16-a8 (the same with int8 activations), deployed (W8A8 vision, W4A16 language model, W16A16 projector), deployed-a8 (the same
-    with the language model's activations in int8)."""
+    w4a16-a8 (the same with int8 activations), deployed (W8A8 vision, W4A16 language model, W16A16 projector),
+    deployed-a8 (the same with the language model's activations in int8)."""
     out = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -479,7 +479,8 @@ def decode(bench: BenchRun, size: str, runs: Sequence[tuple[str | tuple[int, int
 
 # -- quant-peer: transformers' LLaVA-OneVision with the same widths ---------------------------------------------
 PEER_SUMMARY = (
-    "Ours (bf16, and the deployed W8A8 + W4A16 mix, its projector in 16 bits) against transformers' LLaVA-OneVision in bf16 built with the "
+    "Ours (bf16, and the deployed W8A8 + W4A16 mix, its projector in 16 bits) against transformers' "
+    "LLaVA-OneVision in bf16 built with the "
     "same widths and depths (the same SigLIP tower and Qwen2, random weights, our tokenizer, anyres pinpoints 1x1 "
     "to 6x6 tiles): visual tokens, time to first token (best of the rounds), decode tokens/s over 8 steps after "
     "the image prompt. Targets: <= 1/3 of the peer's visual tokens, time to first token >= 1.6x faster.")
