@@ -59,6 +59,8 @@ def test_the_projector_follows_the_parts_around_it_unless_told(ckpt, tmp_path, c
         model = load_checkpoint(out)  # the spec's w16a16 decides again on the machine that loads it
         assert {p.dtype for p in model.projector.parameters()} == {expected}
         assert {p.dtype for p in model.encoder.parameters() if p.is_floating_point()} == {expected}
+    # written where bf16 is fast, loaded where it is not: the bf16 weights load into an fp32 projector
+    assert {p.dtype for p in load_checkpoint(tmp_path / "fast-True").projector.parameters()} == {torch.float32}
     capsys.readouterr()
     assert main(["quantize", "--ckpt", str(ckpt), "--vision", "w8a8", "--projector", "none",
                  "--out", str(tmp_path / "kept")]) == 0
