@@ -114,6 +114,14 @@ def linear_layers(part: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Lin
             and not any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], p) for p in skip)}
 
 
+def cast_floating(part: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter of ``part`` in ``dtype``, in place: what a quantizer leaves unquantized (norms,
+    embeddings, attention) then computes in the dtype its quantized layers take and return."""
+    for param in part.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
 def replace_layer(part: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` at the qualified ``name`` inside ``part``."""
     parent, _, child = name.rpartition(".")

@@ -18,9 +18,8 @@ from torch import nn
 from nvila.core.interfaces import Calibration, Quantizer
 from nvila.quant import w8a8
 from nvila.quant.configs import W16A16Config
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-"""The torch dtype of each 16-bit name in ``W16A16Config.dtype``'s choices (``configs.W16A16_DTYPES``)."""
+from nvila.quant.packed_linear import cast_floating
+from nvila.quant.w4a16 import DTYPES  # the 16-bit names and their torch dtypes, as W4A16 takes them
 
 
 def compute_dtype(name: str) -> torch.dtype | None:
@@ -48,9 +47,7 @@ class W16A16(Quantizer):
         also where ``auto`` kept fp32, so that a checkpoint from any machine loads into the part)."""
         dtype = compute_dtype(self.config.dtype)
         if dtype is not None:
-            for param in part.parameters():
-                if param.is_floating_point():
-                    param.data = param.data.to(dtype)
+            cast_floating(part, dtype)
             part.register_forward_pre_hook(functools.partial(_inputs_to, dtype))
         return [name for name, module in part.named_modules()
                 if any(p.is_floating_point() for p in module.parameters(recurse=False))]

@@ -31,7 +31,7 @@ from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
 from nvila.quant import int4_cpu, int8_cpu
 from nvila.quant.configs import W4A16Config
-from nvila.quant.packed_linear import PackedLinear, check_widths, linear_layers, replace_layer
+from nvila.quant.packed_linear import PackedLinear, cast_floating, check_widths, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
 DENSE_ROWS = {"avx512_bf16": 32, "avx512_vnni": 32, "cpu": 256}
@@ -476,7 +476,5 @@ class W4A16(Quantizer):
             bias = layer.bias.detach().to(self.dtype).clone() if layer.bias is not None else None
             replace_layer(part, name, Int4WeightOnlyLinear(pack_nibbles(q), scales, zeros, input_scale, bias,
                                                            config.kernel, config.dense_rows))
-        for param in part.parameters():  # the rest (embeddings, norms, the output layer) computes in 16 bits too
-            if param.is_floating_point():
-                param.data = param.data.to(self.dtype)
+        cast_floating(part, self.dtype)  # the rest (embeddings, norms, the output layer) computes in 16 bits too
         return list(layers)

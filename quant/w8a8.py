@@ -33,7 +33,7 @@ from nvila.core.errors import NvilaError
 from nvila.core.interfaces import Calibration, Quantizer
 from nvila.quant import int8_cpu
 from nvila.quant.configs import W8A8Config
-from nvila.quant.packed_linear import PackedLinear, linear_layers, replace_layer
+from nvila.quant.packed_linear import PackedLinear, cast_floating, linear_layers, replace_layer
 
 log = logging.getLogger(__name__)
 def cpu_has(feature: str) -> bool:
@@ -226,7 +226,5 @@ class W8A8(Quantizer):
         fuse_activations(part)
         dtype = self.config.dtype
         if dtype == "bf16" or (dtype == "auto" and bf16_is_fast()):
-            for param in part.parameters():  # the rest of the tower: bf16 matrix units do attention too
-                if param.is_floating_point():
-                    param.data = param.data.to(torch.bfloat16)
+            cast_floating(part, torch.bfloat16)  # the rest of the tower: bf16 matrix units do attention too
         return list(layers)

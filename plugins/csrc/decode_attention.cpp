@@ -36,8 +36,7 @@ inline __m512 load16(const c10::BFloat16* p) {
 
 // Which of 16 positions from `at` attend (all of them without a mask), and those past `length` do not.
 inline __mmask16 attending(const bool* keep, int64_t at, int64_t length) {
-  const int64_t left = length - at;
-  const __mmask16 inside = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 inside = nvila::first_lanes(length - at);
   if (keep == nullptr) return inside;
   const __m128i bytes = _mm_maskz_loadu_epi8(inside, keep + at);
   return _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
@@ -113,8 +112,7 @@ inline float softmax_row(float* s, const bool* keep, int64_t length) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t l = 0; l < length; l += 16) {
     const __mmask16 m = attending(keep, l, length);
-    const __mmask16 inside = length - l >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                              : static_cast<__mmask16>((1u << (length - l)) - 1);
+    const __mmask16 inside = nvila::first_lanes(length - l);
     const __m512 e =
         _mm512_maskz_mov_ps(m, nvila::exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), peak)));
     _mm512_mask_storeu_ps(s + l, inside, e);
